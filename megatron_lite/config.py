@@ -1,0 +1,387 @@
+"""Typed configuration tree: dataclasses, strict YAML loading, ``--section.field`` overrides.
+
+Every error names the offending field and value and is raised before any process
+group or tensor exists (DESIGN.md principle 8).
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import sys
+import types
+import typing
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+import yaml
+
+
+class ConfigError(ValueError):
+    """A configuration value is unknown, malformed or inconsistent."""
+
+
+@dataclass
+class ModelConfig:
+    """Architecture of a Mistral (dense) or Mixtral (sparse MoE) decoder."""
+
+    arch: str = "mistral"
+    vocab_size: int = 32000
+    hidden_size: int = 4096
+    intermediate_size: int = 14336
+    num_layers: int = 32
+    num_attention_heads: int = 32
+    num_kv_heads: int = 8
+    head_dim: int | None = None  # None: hidden_size // num_attention_heads
+    max_position_embeddings: int = 32768
+    rope_theta: float = 10000.0
+    rms_norm_eps: float = 1e-5
+    sliding_window: int | None = None
+    tie_embeddings: bool = False
+    init_std: float = 0.02
+    # Mixtral only.
+    num_experts: int = 8
+    top_k: int = 2
+    aux_loss_coeff: float = 0.01
+    z_loss_coeff: float = 0.001
+
+    def validate(self) -> None:
+        """Check the architecture is self-consistent; resolve ``head_dim``."""
+        _one_of("model.arch", self.arch, ("mistral", "mixtral"))
+        for name in ("vocab_size", "hidden_size", "intermediate_size", "num_layers",
+                     "num_attention_heads", "num_kv_heads", "max_position_embeddings"):
+            _positive(f"model.{name}", getattr(self, name))
+        if self.num_attention_heads % self.num_kv_heads:
+            raise ConfigError(
+                f"model.num_attention_heads ({self.num_attention_heads}) is not divisible by "
+                f"model.num_kv_heads ({self.num_kv_heads})"
+            )
+        if self.head_dim is None:
+            if self.hidden_size % self.num_attention_heads:
+                raise ConfigError(
+                    f"model.hidden_size ({self.hidden_size}) is not divisible by "
+                    f"model.num_attention_heads ({self.num_attention_heads}); set model.head_dim"
+                )
+            self.head_dim = self.hidden_size // self.num_attention_heads
+        _positive("model.head_dim", self.head_dim)
+        if self.sliding_window is not None:
+            _positive("model.sliding_window", self.sliding_window)
+        if self.arch == "mixtral":
+            _positive("model.num_experts", self.num_experts)
+            if not 1 <= self.top_k <= self.num_experts:
+                raise ConfigError(
+                    f"model.top_k ({self.top_k}) must be in [1, model.num_experts ({self.num_experts})]"
+                )
+
+    @property
+    def is_moe(self) -> bool:
+        """Whether the feed-forward layers are mixtures of experts."""
+        return self.arch == "mixtral"
+
+
+@dataclass
+class ParallelConfig:
+    """Degrees of parallelism; data parallel is whatever of the world is left."""
+
+    tensor: int = 1
+    pipeline: int = 1
+    virtual_pipeline: int = 1
+    expert: int = 1
+    expert_tensor: int | None = None  # None: same as tensor
+    sequence_parallel: bool = False
+    schedule: str = "1f1b"
+    moe_dispatcher: str = "alltoall"
+    num_layers_in_first_stage: int | None = None
+    num_layers_in_last_stage: int | None = None
+
+    def validate(self) -> None:
+        """Check each degree on its own; layout-vs-world checks live in ``validate_layout``."""
+        for name in ("tensor", "pipeline", "virtual_pipeline", "expert"):
+            _positive(f"parallel.{name}", getattr(self, name))
+        if self.expert_tensor is not None:
+            _positive("parallel.expert_tensor", self.expert_tensor)
+        _one_of("parallel.schedule", self.schedule, ("gpipe", "1f1b", "interleaved", "breadth-first"))
+        _one_of("parallel.moe_dispatcher", self.moe_dispatcher, ("alltoall", "allgather"))
+        if self.virtual_pipeline > 1 and self.pipeline == 1:
+            raise ConfigError(
+                f"parallel.virtual_pipeline ({self.virtual_pipeline}) > 1 needs parallel.pipeline > 1"
+            )
+        if self.sequence_parallel and self.tensor == 1:
+            raise ConfigError("parallel.sequence_parallel needs parallel.tensor > 1")
+
+
+@dataclass
+class DataConfig:
+    """Where tokens come from and how samples are cut."""
+
+    path: list[str] = field(default_factory=list)  # [prefix] or [w1, prefix1, w2, prefix2, ...]
+    split: str = "969,30,1"
+    seq_length: int = 2048
+    tokenizer_type: str = "SentencePieceTokenizer"
+    tokenizer_model: str | None = None
+    reset_position_ids: bool = False
+    reset_attention_mask: bool = False
+    eod_mask_loss: bool = False
+    cache_dir: str | None = None
+    mock: bool = False  # random tokens, no files: for benchmarks and smoke tests
+
+    def validate(self) -> None:
+        """Check sample shape and that a real run names its data."""
+        _positive("data.seq_length", self.seq_length)
+        parts = self.split.split(",")
+        try:
+            weights = [float(p) for p in parts]
+        except ValueError:
+            raise ConfigError(f"data.split ({self.split!r}) must be comma-separated numbers") from None
+        if len(weights) > 3 or sum(weights) <= 0 or min(weights) < 0:
+            raise ConfigError(f"data.split ({self.split!r}) needs 1-3 non-negative weights summing above 0")
+        if not self.mock and not self.path:
+            raise ConfigError("data.path is empty: give a dataset prefix or set data.mock true")
+
+
+@dataclass
+class OptimizerConfig:
+    """AdamW with linear warmup then cosine/linear/constant decay."""
+
+    lr: float = 3e-4
+    min_lr: float = 3e-5
+    weight_decay: float = 0.1
+    beta1: float = 0.9
+    beta2: float = 0.95
+    eps: float = 1e-8
+    clip_grad: float = 1.0
+    lr_warmup_iters: int = 0
+    lr_decay_iters: int | None = None  # None: training.train_iters
+    lr_decay_style: str = "cosine"
+
+    def validate(self) -> None:
+        """Check rates and schedule names."""
+        _positive("optimizer.lr", self.lr)
+        if not 0 <= self.min_lr <= self.lr:
+            raise ConfigError(f"optimizer.min_lr ({self.min_lr}) must be in [0, optimizer.lr ({self.lr})]")
+        if self.lr_warmup_iters < 0:
+            raise ConfigError(f"optimizer.lr_warmup_iters ({self.lr_warmup_iters}) must be >= 0")
+        if self.clip_grad < 0:
+            raise ConfigError(f"optimizer.clip_grad ({self.clip_grad}) must be >= 0 (0 disables)")
+        _one_of("optimizer.lr_decay_style", self.lr_decay_style, ("cosine", "linear", "constant"))
+
+
+@dataclass
+class TrainingConfig:
+    """Batch sizes, length of the run, precision, checkpointing."""
+
+    micro_batch_size: int = 1
+    global_batch_size: int | None = None  # None: micro_batch_size * data-parallel size
+    train_iters: int = 100
+    seed: int = 1234
+    precision: str = "auto"  # auto: bf16 on GPU, fp32 on CPU
+    device: str = "auto"
+    attention_backend: str = "auto"
+    recompute: str = "none"
+    save: str | None = None
+    save_interval: int | None = None
+    load: str | None = None
+    eval_interval: int | None = None
+    eval_iters: int = 10
+
+    def validate(self) -> None:
+        """Check sizes and names."""
+        _positive("training.micro_batch_size", self.micro_batch_size)
+        _positive("training.train_iters", self.train_iters)
+        if self.global_batch_size is not None:
+            _positive("training.global_batch_size", self.global_batch_size)
+        _one_of("training.precision", self.precision, ("auto", "fp32", "bf16", "fp16"))
+        _one_of("training.device", self.device, ("auto", "cpu", "cuda"))
+        _one_of("training.attention_backend", self.attention_backend, ("auto", "flash", "flex", "sdpa"))
+        _one_of("training.recompute", self.recompute, ("none", "full", "selective"))
+        for name in ("save_interval", "eval_interval"):
+            if getattr(self, name) is not None:
+                _positive(f"training.{name}", getattr(self, name))
+
+
+@dataclass
+class LoggingConfig:
+    """Where and how often progress is reported."""
+
+    log_interval: int = 10
+    run_dir: str = "runs/default"
+    tensorboard: bool = False
+    wandb_project: str | None = None
+
+    def validate(self) -> None:
+        """Check the interval."""
+        _positive("logging.log_interval", self.log_interval)
+
+
+@dataclass
+class Config:
+    """The whole run: one section per concern."""
+
+    model: ModelConfig = field(default_factory=ModelConfig)
+    parallel: ParallelConfig = field(default_factory=ParallelConfig)
+    data: DataConfig = field(default_factory=DataConfig)
+    optimizer: OptimizerConfig = field(default_factory=OptimizerConfig)
+    training: TrainingConfig = field(default_factory=TrainingConfig)
+    logging: LoggingConfig = field(default_factory=LoggingConfig)
+
+    def validate(self) -> Config:
+        """Validate every section and the checks that span sections; returns self."""
+        for f in dataclasses.fields(self):
+            getattr(self, f.name).validate()
+        if self.data.seq_length > self.model.max_position_embeddings:
+            raise ConfigError(
+                f"data.seq_length ({self.data.seq_length}) exceeds "
+                f"model.max_position_embeddings ({self.model.max_position_embeddings})"
+            )
+        return self
+
+    def to_dict(self) -> dict[str, Any]:
+        """Plain nested dict, suitable for YAML."""
+        return dataclasses.asdict(self)
+
+    def save(self, path: str | Path) -> None:
+        """Write the resolved config as YAML."""
+        Path(path).parent.mkdir(parents=True, exist_ok=True)
+        Path(path).write_text(yaml.safe_dump(self.to_dict(), sort_keys=False))
+
+
+def _positive(name: str, value: Any) -> None:
+    if not isinstance(value, (int, float)) or isinstance(value, bool) or value <= 0:
+        raise ConfigError(f"{name} ({value!r}) must be a positive number")
+
+
+def _one_of(name: str, value: Any, choices: tuple[str, ...]) -> None:
+    if value not in choices:
+        raise ConfigError(f"{name} ({value!r}) must be one of {', '.join(choices)}")
+
+
+# ---------------------------------------------------------------- building from dicts
+
+
+def _coerce(path: str, tp: Any, value: Any) -> Any:
+    """Convert ``value`` (from YAML or a CLI string) to the annotated type ``tp``."""
+    origin = typing.get_origin(tp)
+    if origin in (typing.Union, types.UnionType):
+        args = [a for a in typing.get_args(tp) if a is not type(None)]
+        if value is None or (isinstance(value, str) and value.lower() in ("none", "null")):
+            return None
+        return _coerce(path, args[0], value)
+    if origin is list:
+        (inner,) = typing.get_args(tp)
+        items = value if isinstance(value, list) else [value]
+        return [_coerce(f"{path}[{i}]", inner, v) for i, v in enumerate(items)]
+    if tp is bool:
+        if isinstance(value, bool):
+            return value
+        if isinstance(value, str) and value.lower() in ("true", "1", "yes", "on", "false", "0", "no", "off"):
+            return value.lower() in ("true", "1", "yes", "on")
+        raise ConfigError(f"{path} ({value!r}) must be true or false")
+    if tp is int:
+        if isinstance(value, bool):
+            raise ConfigError(f"{path} ({value!r}) must be an integer")
+        try:
+            as_float = float(value)
+        except (TypeError, ValueError):
+            raise ConfigError(f"{path} ({value!r}) must be an integer") from None
+        if not as_float.is_integer():
+            raise ConfigError(f"{path} ({value!r}) must be an integer")
+        return int(as_float)
+    if tp is float:
+        try:
+            return float(value)
+        except (TypeError, ValueError):
+            raise ConfigError(f"{path} ({value!r}) must be a number") from None
+    if tp is str:
+        if isinstance(value, (dict, list)):
+            raise ConfigError(f"{path} ({value!r}) must be a string")
+        return str(value)
+    raise ConfigError(f"{path}: unsupported type {tp}")
+
+
+def _section_from_dict(cls: type, data: dict[str, Any], prefix: str) -> Any:
+    if not isinstance(data, dict):
+        raise ConfigError(f"{prefix} must be a mapping, got {type(data).__name__}")
+    hints = typing.get_type_hints(cls)
+    known = {f.name for f in dataclasses.fields(cls)}
+    unknown = sorted(set(data) - known)
+    if unknown:
+        raise ConfigError(f"unknown key {prefix}.{unknown[0]} (known: {', '.join(sorted(known))})")
+    kwargs = {k: _coerce(f"{prefix}.{k}", hints[k], v) for k, v in data.items()}
+    return cls(**kwargs)
+
+
+def config_from_dict(data: dict[str, Any]) -> Config:
+    """Build a ``Config`` from a nested dict, rejecting unknown sections and keys (not validated)."""
+    data = data or {}
+    if not isinstance(data, dict):
+        raise ConfigError(f"config must be a mapping of sections, got {type(data).__name__}")
+    hints = typing.get_type_hints(Config)
+    unknown = sorted(set(data) - set(hints))
+    if unknown:
+        raise ConfigError(f"unknown section {unknown[0]!r} (known: {', '.join(hints)})")
+    return Config(**{k: _section_from_dict(hints[k], v or {}, k) for k, v in data.items()})
+
+
+def load_config(path: str | Path | None, overrides: list[str] | None = None) -> Config:
+    """Load YAML ``path`` (may be None for defaults), apply ``--section.field value`` overrides, validate.
+
+    Args:
+        path: YAML file with one mapping per section.
+        overrides: command-line tokens, e.g. ``["--parallel.tensor", "2", "--data.path", "0.7", "a"]``.
+            A list-valued field takes every token up to the next ``--``.
+
+    Returns:
+        The validated config.
+    """
+    data: dict[str, Any] = {}
+    if path is not None:
+        p = Path(path)
+        if not p.is_file():
+            raise ConfigError(f"config file {p} does not exist")
+        try:
+            data = yaml.safe_load(p.read_text()) or {}
+        except yaml.YAMLError as exc:
+            raise ConfigError(f"config file {p} is not valid YAML: {exc}".splitlines()[0]) from None
+        if not isinstance(data, dict):
+            raise ConfigError(f"config file {p} must hold a mapping of sections")
+    for key, value in _parse_overrides(overrides or []):
+        section, _, name = key.partition(".")
+        if not name:
+            raise ConfigError(f"override --{key} must look like --section.field")
+        sec = data.setdefault(section, {})
+        if not isinstance(sec, dict):
+            raise ConfigError(f"section {section} in the config file is not a mapping")
+        sec[name] = value
+    return config_from_dict(data).validate()
+
+
+def _parse_overrides(tokens: list[str]) -> list[tuple[str, Any]]:
+    out: list[tuple[str, Any]] = []
+    i = 0
+    while i < len(tokens):
+        tok = tokens[i]
+        if not tok.startswith("--"):
+            raise ConfigError(f"unexpected argument {tok!r}: overrides look like --section.field value")
+        key, eq, inline = tok[2:].partition("=")
+        values = [inline] if eq else []
+        i += 1
+        while i < len(tokens) and not tokens[i].startswith("--"):
+            values.append(tokens[i])
+            i += 1
+        if not values:
+            raise ConfigError(f"override --{key} has no value")
+        out.append((key.replace("-", "_"), values[0] if len(values) == 1 else values))
+    return out
+
+
+def main_argv_to_config(argv: list[str] | None = None) -> Config:
+    """Parse ``--config FILE`` plus overrides from ``argv`` (default ``sys.argv[1:]``)."""
+    argv = list(sys.argv[1:] if argv is None else argv)
+    path = None
+    if "--config" in argv:
+        i = argv.index("--config")
+        if i + 1 >= len(argv):
+            raise ConfigError("--config needs a file path")
+        path = argv[i + 1]
+        del argv[i : i + 2]
+    return load_config(path, argv)

@@ -1,0 +1,135 @@
+"""Mixtral sparse mixture of experts: softmax router, top-k, grouped expert GEMMs.
+
+Token movement is delegated to a swappable dispatcher. ``LocalDispatcher`` keeps every expert on
+this rank; expert parallelism (``megatron_lite.parallel``) installs all-to-all or all-gather
+dispatchers with the same interface:
+
+    dispatch(x [T, h], indices [T, k], weights [T, k], num_experts)
+        -> (expert_input [N, h] grouped by local expert, tokens_per_local_expert [E_local], ctx)
+    combine(expert_output [N, h], ctx) -> [T, h]
+
+Auxiliary losses (load balancing, router z-loss) are attached to the autograd graph by an
+identity function, so nothing has to be returned through pipeline stages; their values are kept
+detached on the module for logging.
+"""
+
+from __future__ import annotations
+
+import torch
+import torch.nn.functional as F
+from torch import nn
+
+from megatron_lite import ops
+
+
+class GroupedExperts(nn.Module):
+    """``num_local_experts`` SwiGLU experts stored as stacked weights.
+
+    ``w13`` ``[E, 2F, H]`` holds each expert's [gate; up] rows, ``w2`` ``[E, H, F]`` its down
+    projection (nn.Linear convention: ``[out, in]``).
+    """
+
+    def __init__(self, num_experts: int, hidden_size: int, intermediate_size: int, device=None, dtype=None):
+        super().__init__()
+        self.num_local_experts = num_experts
+        self.w13 = nn.Parameter(torch.empty(num_experts, 2 * intermediate_size, hidden_size,
+                                            device=device, dtype=dtype))
+        self.w2 = nn.Parameter(torch.empty(num_experts, hidden_size, intermediate_size,
+                                           device=device, dtype=dtype))
+
+    def forward(self, x: torch.Tensor, tokens_per_expert: torch.Tensor) -> torch.Tensor:
+        """``x`` ``[N, H]`` grouped by expert, ``tokens_per_expert`` int64 ``[E_local]`` -> ``[N, H]``."""
+        gate_up = ops.grouped_mm(x, self.w13, tokens_per_expert)  # [N, 2F]
+        gate, up = gate_up.chunk(2, dim=-1)
+        return ops.grouped_mm(F.silu(gate) * up, self.w2, tokens_per_expert)  # [N, H]
+
+
+class LocalDispatcher:
+    """All experts live here: permute tokens into expert order and back, no communication."""
+
+    def dispatch(self, x: torch.Tensor, indices: torch.Tensor, weights: torch.Tensor, num_experts: int):
+        """Group the ``T * k`` token copies by expert."""
+        permuted, row_map = ops.moe_permute(x, indices)  # [T*k, H]
+        tokens_per_expert = torch.bincount(indices.flatten(), minlength=num_experts)  # [E]
+        return permuted, tokens_per_expert, (row_map, weights)
+
+    def combine(self, expert_output: torch.Tensor, ctx) -> torch.Tensor:
+        """Weighted sum of each token's k expert outputs -> ``[T, H]``."""
+        row_map, weights = ctx
+        return ops.moe_unpermute(expert_output, row_map, weights)
+
+
+class _AttachAuxLoss(torch.autograd.Function):
+    """Identity on ``x``; on backward, seeds ``aux_loss`` with gradient ``scale``.
+
+    This adds ``scale * aux_loss`` to the objective without threading it through return values.
+    """
+
+    @staticmethod
+    def forward(ctx, x: torch.Tensor, aux_loss: torch.Tensor, scale: float):
+        ctx.save_for_backward(aux_loss)
+        ctx.scale = scale
+        return x.view_as(x)
+
+    @staticmethod
+    def backward(ctx, grad: torch.Tensor):
+        (aux_loss,) = ctx.saved_tensors
+        return grad, torch.full_like(aux_loss, ctx.scale), None
+
+
+def _identity(t: torch.Tensor) -> torch.Tensor:
+    return t
+
+
+class MoE(nn.Module):
+    """Router + experts + dispatcher. Routing as Mixtral: fp32 softmax over all experts, top-k, renormalise.
+
+    Losses (per layer, summed over layers by autograd):
+      * load balancing ``aux_loss_coeff * E / k * sum_e f_e * P_e`` where ``f_e`` is the fraction of
+        tokens with a slot on expert e and ``P_e`` the mean router probability (1.0 when balanced);
+      * router z-loss ``z_loss_coeff * mean_t logsumexp(logits_t)^2``.
+    ``aux_loss_reduce`` sums the token statistics over the ranks that share this batch slice
+    (identity on one rank; parallelize installs an all-reduce). ``aux_loss_scale`` is the weight the
+    trainer gives one microbatch's loss (e.g. ``1 / num_microbatches``).
+    """
+
+    def __init__(self, hidden_size: int, intermediate_size: int, num_experts: int, top_k: int,
+                 aux_loss_coeff: float = 0.0, z_loss_coeff: float = 0.0, device=None, dtype=None):
+        super().__init__()
+        self.num_experts = num_experts
+        self.top_k = top_k
+        self.aux_loss_coeff = aux_loss_coeff
+        self.z_loss_coeff = z_loss_coeff
+        self.router = nn.Linear(hidden_size, num_experts, bias=False, device=device, dtype=dtype)
+        self.experts = GroupedExperts(num_experts, hidden_size, intermediate_size, device=device, dtype=dtype)
+        self.dispatcher = LocalDispatcher()
+        self.aux_loss_reduce = _identity
+        self.aux_loss_scale = 1.0
+        self.last_aux_loss: torch.Tensor | None = None  # detached, for logging
+        self.last_z_loss: torch.Tensor | None = None
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:  # [b, s, h]
+        b, s, h = x.shape
+        x_flat = x.reshape(b * s, h)  # [T, h]
+        logits = self.router(x_flat).float()  # [T, E]
+        weights, indices, _ = ops.moe_topk_softmax(logits, self.top_k)  # [T, k] fp32, [T, k] int64
+        expert_in, tokens_per_expert, ctx = self.dispatcher.dispatch(x_flat, indices, weights, self.num_experts)
+        expert_out = self.experts(expert_in, tokens_per_expert)  # [N, h]
+        out = self.dispatcher.combine(expert_out, ctx).to(x.dtype)  # [T, h]
+        if self.training and (self.aux_loss_coeff > 0 or self.z_loss_coeff > 0):
+            out = self._attach_losses(out, logits, indices)
+        return out.view(b, s, h)
+
+    def _attach_losses(self, out: torch.Tensor, logits: torch.Tensor, indices: torch.Tensor) -> torch.Tensor:
+        num_tokens = logits.new_tensor([logits.shape[0]], dtype=torch.float32)
+        probs_sum = torch.softmax(logits, dim=-1).sum(0)  # [E]
+        counts = torch.bincount(indices.flatten(), minlength=self.num_experts).float()  # [E]
+        z_sum = torch.logsumexp(logits, dim=-1).pow(2).sum().reshape(1)
+        stats = self.aux_loss_reduce(torch.cat([probs_sum, counts, z_sum, num_tokens]))
+        probs_sum, counts = stats[: self.num_experts], stats[self.num_experts : 2 * self.num_experts]
+        z_sum, total = stats[-2], stats[-1]
+        balance = self.num_experts / self.top_k * torch.sum((counts / total) * (probs_sum / total))
+        aux = self.aux_loss_coeff * balance + self.z_loss_coeff * z_sum / total
+        self.last_aux_loss = balance.detach()
+        self.last_z_loss = (z_sum / total).detach()
+        return _AttachAuxLoss.apply(out, aux, self.aux_loss_scale)
