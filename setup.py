@@ -33,7 +33,7 @@ def _want_cuda() -> bool:
 def _extension():
     here = os.path.dirname(os.path.abspath(__file__))
     cpp_sources = sorted(glob.glob(os.path.join("csrc", "*.cpp")))
-    cxx_flags = ["-O3", "-std=c++17"]
+    cxx_flags = ["-O3", "-std=c++20"]
     if _want_cuda():
         cu_sources = sorted(glob.glob(os.path.join("csrc", "cuda", "*.cu")))
         nvcc_flags = ["-O3", "-std=c++17", "--use_fast_math", "-lineinfo"]
@@ -60,7 +60,7 @@ setup(
     python_requires=">=3.10",
     install_requires=["torch>=2.4", "numpy", "sentencepiece", "pybind11", "pyyaml", "safetensors"],
     extras_require={
-        "test": ["pytest", "transformers", "ruff", "mistral-common"],
+        "test": ["pytest", "transformers", "ruff", "mistral-common", "matplotlib"],
         "wandb": ["wandb"],
     },
     ext_modules=[_extension()],

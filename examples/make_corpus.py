@@ -27,7 +27,8 @@ def iter_docstrings(min_chars: int):
         except Exception:  # noqa: BLE001 - some modules need platform features; skip them
             continue
         objects = [(info.name, mod)] + [
-            (f"{info.name}.{n}", o) for n, o in inspect.getmembers(mod)
+            (f"{info.name}.{n}", o)
+            for n, o in inspect.getmembers(mod)
             if (inspect.isclass(o) or inspect.isfunction(o)) and getattr(o, "__module__", "") == info.name
         ]
         for name, obj in objects:

@@ -48,8 +48,15 @@ class ModelConfig:
     def validate(self) -> None:
         """Check the architecture is self-consistent; resolve ``head_dim``."""
         _one_of("model.arch", self.arch, ("mistral", "mixtral"))
-        for name in ("vocab_size", "hidden_size", "intermediate_size", "num_layers",
-                     "num_attention_heads", "num_kv_heads", "max_position_embeddings"):
+        for name in (
+            "vocab_size",
+            "hidden_size",
+            "intermediate_size",
+            "num_layers",
+            "num_attention_heads",
+            "num_kv_heads",
+            "max_position_embeddings",
+        ):
             _positive(f"model.{name}", getattr(self, name))
         if self.num_attention_heads % self.num_kv_heads:
             raise ConfigError(
@@ -183,6 +190,7 @@ class TrainingConfig:
     load: str | None = None
     eval_interval: int | None = None
     eval_iters: int = 10
+    exit_interval: int | None = None  # save (if training.save) and stop after iterations divisible by it
 
     def validate(self) -> None:
         """Check sizes and names."""
@@ -194,7 +202,7 @@ class TrainingConfig:
         _one_of("training.device", self.device, ("auto", "cpu", "cuda"))
         _one_of("training.attention_backend", self.attention_backend, ("auto", "flash", "flex", "sdpa"))
         _one_of("training.recompute", self.recompute, ("none", "full", "selective"))
-        for name in ("save_interval", "eval_interval"):
+        for name in ("save_interval", "eval_interval", "exit_interval"):
             if getattr(self, name) is not None:
                 _positive(f"training.{name}", getattr(self, name))
 
@@ -207,10 +215,13 @@ class LoggingConfig:
     run_dir: str = "runs/default"
     tensorboard: bool = False
     wandb_project: str | None = None
+    peak_tflops: float | None = None  # per-device peak for MFU; None: table by GPU name (n/a on CPU)
 
     def validate(self) -> None:
-        """Check the interval."""
+        """Check the interval and the peak."""
         _positive("logging.log_interval", self.log_interval)
+        if self.peak_tflops is not None:
+            _positive("logging.peak_tflops", self.peak_tflops)
 
 
 @dataclass

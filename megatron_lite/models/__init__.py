@@ -16,9 +16,15 @@ from megatron_lite.models.common.transformer import Transformer, init_std_for, i
 __all__ = ["Transformer", "build_model", "init_std_for", "init_weights", "load_hf", "save_hf"]
 
 
-def build_model(cfg: ModelConfig, device: str | torch.device = "cpu", dtype: torch.dtype | None = None,
-                seed: int | None = 0, layer_ids: Iterable[int] | None = None, pre_process: bool = True,
-                post_process: bool = True) -> Transformer:
+def build_model(
+    cfg: ModelConfig,
+    device: str | torch.device = "cpu",
+    dtype: torch.dtype | None = None,
+    seed: int | None = 0,
+    layer_ids: Iterable[int] | None = None,
+    pre_process: bool = True,
+    post_process: bool = True,
+) -> Transformer:
     """Build a model on ``device``.
 
     On ``"meta"`` nothing is allocated (parallelize, then materialize local shards). On a real

@@ -67,16 +67,12 @@ def is_last_stage(rank: int, chunk: int, pp: int, vpp: int) -> bool:
     return rank == pp - 1 and chunk == vpp - 1
 
 
-def _stage_layer_counts(
-    num_layers: int, stages: int, first: int | None, last: int | None
-) -> list[int]:
+def _stage_layer_counts(num_layers: int, stages: int, first: int | None, last: int | None) -> list[int]:
     """Number of layers per virtual stage, first/last overridden, the rest split evenly."""
     if stages == 1:
         for name, value in (("first_stage_layers", first), ("last_stage_layers", last)):
             if value is not None and value != num_layers:
-                raise ValueError(
-                    f"{name} ({value}) must equal num_layers ({num_layers}) with a single stage"
-                )
+                raise ValueError(f"{name} ({value}) must equal num_layers ({num_layers}) with a single stage")
         return [num_layers]
     fixed = [v for v in (first, last) if v is not None]
     middle_stages = stages - len(fixed)

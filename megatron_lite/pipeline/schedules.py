@@ -1,187 +1,34 @@
 """Pipeline schedules as data (DESIGN principle 5).
 
 A schedule is ``list[list[Action]]``: for every pipeline rank, the ordered actions it performs
-in one training step. The generators below only decide the order of *compute* actions
-(forward ``F`` / backward ``B`` of local chunk ``c`` on microbatch ``m``); one shared function,
-:func:`add_communication`, derives every send and receive from that order. The executor walks
-the lists; the simulator reads the very same lists.
-
-Communication rule (what the executor must do)
-----------------------------------------------
-* ``RECV_*`` for a compute action is placed immediately before it, ``SEND_*`` of its output
-  immediately after it. Hence between two compute actions there is at most one send (output of
-  the previous one) and one receive (input of the next one).
-* The executor posts every maximal run of consecutive comm actions as ONE batched
-  ``batch_isend_irecv`` call and waits for all of its requests before the next compute action.
-  Posting the send of step i together with the receive of step i+1 is what lets two
-  neighbours that send to each other at the same time (forward one way, gradient the other
-  way) both make progress; posting them as two separate blocking batches can deadlock.
-* On every directed pair of ranks, the k-th send of the sender matches the k-th receive of the
-  receiver (NCCL matches point-to-point messages in posting order and ignores tags; forward
-  activations and gradients have the same shape, so a mismatch would silently mix them up).
-  :func:`add_communication` checks this pairing and raises if a compute order breaks it.
-* The simulator models the pessimistic (rendezvous) case: a batch completes only when the
-  peer of every send has posted the matching receive. All generated schedules are tested to be
-  deadlock-free under it.
-
-Send/recv actions carry the *local* chunk and microbatch of the compute action they belong to
-(the producer for a send, the consumer for a receive) plus the ``peer`` rank.
+in one training step (see ``actions.py``). The generators below only decide the order of the
+*compute* actions; :func:`~megatron_lite.pipeline.communication.add_communication` derives
+every send and receive from that order, once for all schedules, and documents the rule the
+executor must follow to post them. The executor walks the lists; the simulator reads the very
+same lists.
 """
 
 from __future__ import annotations
 
 from collections.abc import Callable
-from dataclasses import dataclass
 
-from megatron_lite.pipeline.placement import (
-    check_pipeline_dims,
-    is_first_stage,
-    is_last_stage,
-    stage_location,
-    virtual_stage,
-)
+from megatron_lite.pipeline.actions import Action, B, F, Schedule
+from megatron_lite.pipeline.communication import add_communication
+from megatron_lite.pipeline.placement import check_pipeline_dims
 
-COMPUTE_KINDS = ("F", "B")
-COMM_KINDS = ("SEND_F", "RECV_F", "SEND_B", "RECV_B")
-Schedule = list[list["Action"]]
-
-
-@dataclass(frozen=True)
-class Action:
-    """One step of one pipeline rank.
-
-    Attributes:
-        kind: "F", "B" (compute) or "SEND_F", "RECV_F", "SEND_B", "RECV_B" (communication).
-            ``*_F`` moves a forward activation, ``*_B`` moves an activation gradient.
-        chunk: Local model chunk index (0 <= chunk < vpp) of the compute action concerned.
-        microbatch: Microbatch index.
-        peer: Rank on the other end of a send/recv; None for compute actions.
-    """
-
-    kind: str
-    chunk: int
-    microbatch: int
-    peer: int | None = None
-
-    def __post_init__(self) -> None:
-        if self.kind not in COMPUTE_KINDS + COMM_KINDS:
-            raise ValueError(f"Action kind {self.kind!r} is not one of {COMPUTE_KINDS + COMM_KINDS}")
-        if self.is_comm != (self.peer is not None):
-            raise ValueError(f"Action {self.kind} needs peer set iff it is a send/recv (peer={self.peer})")
-
-    @property
-    def is_comm(self) -> bool:
-        """True for send/recv actions."""
-        return self.kind in COMM_KINDS
-
-    @property
-    def is_send(self) -> bool:
-        """True for SEND_F / SEND_B."""
-        return self.kind.startswith("SEND")
-
-    def __str__(self) -> str:
-        peer = f"{'->' if self.is_send else '<-'}{self.peer}" if self.is_comm else ""
-        return f"{self.kind}(c{self.chunk},m{self.microbatch}{peer})"
-
-
-def F(chunk: int, microbatch: int) -> Action:
-    """Forward of local ``chunk`` on ``microbatch``."""
-    return Action("F", chunk, microbatch)
-
-
-def B(chunk: int, microbatch: int) -> Action:
-    """Backward of local ``chunk`` on ``microbatch``."""
-    return Action("B", chunk, microbatch)
-
-
-# --------------------------------------------------------------------------- communication
-
-
-def _comm_for(action: Action, rank: int, pp: int, vpp: int) -> tuple[Action | None, Action | None]:
-    """The (receive before, send after) a compute action, from the virtual-stage neighbours."""
-    stage = virtual_stage(rank, action.chunk, pp)
-    first, last = is_first_stage(rank, action.chunk), is_last_stage(rank, action.chunk, pp, vpp)
-    m = action.microbatch
-    if action.kind == "F":
-        # Forward input comes from the previous virtual stage, output goes to the next one.
-        recv_src = None if first else stage_location(stage - 1, pp)[0]
-        send_dst = None if last else stage_location(stage + 1, pp)[0]
-        kinds = ("RECV_F", "SEND_F")
-    else:
-        # The loss gradient is produced locally on the last stage; the first stage's input
-        # gradient (w.r.t. the embedding output) stays local.
-        recv_src = None if last else stage_location(stage + 1, pp)[0]
-        send_dst = None if first else stage_location(stage - 1, pp)[0]
-        kinds = ("RECV_B", "SEND_B")
-    recv = None if recv_src is None else Action(kinds[0], action.chunk, m, recv_src)
-    send = None if send_dst is None else Action(kinds[1], action.chunk, m, send_dst)
-    return recv, send
-
-
-def message_key(action: Action, rank: int, pp: int) -> tuple[str, int, int]:
-    """Identity of the tensor a send/recv carries: (kind, producing virtual stage, microbatch).
-
-    A send and a receive match iff their keys are equal.
-    """
-    stage = virtual_stage(rank, action.chunk, pp)
-    if action.is_send:
-        return action.kind[-1], stage, action.microbatch
-    producer = stage - 1 if action.kind == "RECV_F" else stage + 1
-    return action.kind[-1], producer, action.microbatch
-
-
-def check_pairing(schedule: Schedule) -> None:
-    """Check that every directed channel's sends and receives match one-to-one, in order.
-
-    Raises:
-        ValueError: Naming the channel and the first unmatched or out-of-order message.
-    """
-    pp = len(schedule)
-    sends: dict[tuple[int, int], list[tuple]] = {}
-    recvs: dict[tuple[int, int], list[tuple]] = {}
-    for rank, actions in enumerate(schedule):
-        for a in actions:
-            if a.is_comm:
-                chan = (rank, a.peer) if a.is_send else (a.peer, rank)
-                table = sends if a.is_send else recvs
-                table.setdefault(chan, []).append((message_key(a, rank, pp), rank, a))
-    for chan in sorted(set(sends) | set(recvs)):
-        s_list, r_list = sends.get(chan, []), recvs.get(chan, [])
-        for k in range(max(len(s_list), len(r_list))):
-            s = s_list[k] if k < len(s_list) else None
-            r = r_list[k] if k < len(r_list) else None
-            if s is None or r is None or s[0] != r[0]:
-                what = f"send {s[2]} of rank {s[1]}" if s else "no send"
-                got = f"receive {r[2]} of rank {r[1]}" if r else "no receive"
-                raise ValueError(
-                    f"channel rank {chan[0]} -> rank {chan[1]}: message #{k} is {what} but {got}; "
-                    "sends and receives on a channel must match one-to-one in order"
-                )
-
-
-def add_communication(compute: Schedule, vpp: int) -> Schedule:
-    """Insert SEND/RECV actions around the compute actions of every rank.
-
-    This is the single place where communication is derived; see the module docstring for the
-    posting rule it guarantees.
-
-    Args:
-        compute: Per-rank compute-only action lists.
-        vpp: Model chunks per rank.
-
-    Returns:
-        Per-rank action lists including communication.
-    """
-    pp = len(compute)
-    out: Schedule = []
-    for rank, actions in enumerate(compute):
-        seq: list[Action] = []
-        for a in actions:
-            recv, send = _comm_for(a, rank, pp, vpp)
-            seq.extend(x for x in (recv, a, send) if x is not None)
-        out.append(seq)
-    check_pairing(out)
-    return out
+__all__ = [
+    "SCHEDULES",
+    "SCHEDULE_OPTIONS",
+    "Action",
+    "Schedule",
+    "breadth_first",
+    "build_schedule",
+    "check_interleaved",
+    "gpipe",
+    "ideal_bubble_fraction",
+    "interleaved_1f1b",
+    "one_f_one_b",
+]
 
 
 # --------------------------------------------------------------------------- compute orders
@@ -220,7 +67,7 @@ def _microbatch_table(num_microbatches: int, vpp: int, group: int) -> list[tuple
 
 
 def check_interleaved(pp: int, vpp: int, num_microbatches: int, group: int) -> None:
-    """Megatron-LM core's constraints on the interleaved schedule (as of 2025).
+    """Megatron-LM core's constraints on the interleaved schedule (schedules.py, main, 2026).
 
     Megatron requires ``pp <= microbatch_group_size_per_vp_stage <= num_microbatches`` (default
     group size = pp) and that the remainder ``num_microbatches % group`` is 0 or >= pp. With the
@@ -236,8 +83,9 @@ def check_interleaved(pp: int, vpp: int, num_microbatches: int, group: int) -> N
     if 0 < tail < pp:
         raise ValueError(
             f"interleaved schedule: num_microbatches ({num_microbatches}) % microbatch_group_size "
-            f"({group}) = {tail} must be 0 or >= pipeline_parallel ({pp}) (Megatron-LM's rule; a "
-            f"short tail group stalls the pipeline); use a multiple of {group} microbatches"
+            f"({group}; default pipeline_parallel) = {tail} must be 0 or >= pipeline_parallel "
+            f"({pp}) (Megatron-LM's rule; a short tail group stalls the pipeline); use a multiple "
+            f"of {group} microbatches"
         )
 
 
@@ -322,7 +170,11 @@ def interleaved_1f1b(
 
 
 def breadth_first(pp: int, vpp: int, num_microbatches: int) -> Schedule:
-    """Breadth-first looped schedule; any num_microbatches (bubble-optimal when >= pp)."""
+    """Breadth-first looped schedule; any num_microbatches (bubble-optimal when >= pp).
+
+    Memory: every rank holds all ``vpp * num_microbatches`` activations at the turn from
+    forward to backward, like GPipe. With vpp == 1 this is GPipe.
+    """
     _check_common("breadth-first", pp, vpp, num_microbatches, needs_vpp1=False)
     return add_communication(_breadth_first_compute(pp, vpp, num_microbatches), vpp)
 
@@ -333,6 +185,8 @@ SCHEDULES: dict[str, Callable[..., Schedule]] = {
     "interleaved": interleaved_1f1b,
     "breadth-first": breadth_first,
 }
+# Keyword options each schedule accepts beyond (pp, vpp, num_microbatches).
+SCHEDULE_OPTIONS: dict[str, tuple[str, ...]] = {"interleaved": ("microbatch_group_size",)}
 
 
 def build_schedule(name: str, pp: int, vpp: int, num_microbatches: int, **options: int) -> Schedule:
@@ -350,4 +204,29 @@ def build_schedule(name: str, pp: int, vpp: int, num_microbatches: int, **option
     """
     if name not in SCHEDULES:
         raise ValueError(f"unknown pipeline schedule {name!r}; valid: {', '.join(SCHEDULES)}")
+    unknown = sorted(set(options) - set(SCHEDULE_OPTIONS.get(name, ())))
+    if unknown:
+        raise ValueError(
+            f"schedule {name!r} does not take {', '.join(unknown)}; "
+            f"its options: {', '.join(SCHEDULE_OPTIONS.get(name, ())) or 'none'}"
+        )
     return SCHEDULES[name](pp, vpp, num_microbatches, **options)
+
+
+def ideal_bubble_fraction(name: str, pp: int, vpp: int, num_microbatches: int) -> float | None:
+    """Closed-form bubble fraction of a schedule with free communication.
+
+    ``(P-1)/(M+P-1)`` for GPipe and 1F1B; ``(P-1)/(V*M+P-1)`` for interleaved and breadth-first
+    (looped: every chunk is ``1/V`` of a stage, so the fill and drain shrink ``V`` times). The
+    simulator reproduces these exactly in "async" mode with ``t_comm = 0`` for every ratio of
+    forward to backward time tried (1:10 to 10:1). Breadth-first only reaches it with at least
+    ``pp`` microbatches (with fewer, rank 0 waits for its own microbatch to come back around);
+    None there.
+    """
+    if name not in SCHEDULES:
+        raise ValueError(f"unknown pipeline schedule {name!r}; valid: {', '.join(SCHEDULES)}")
+    looped = name in ("interleaved", "breadth-first")
+    if name == "breadth-first" and vpp > 1 and num_microbatches < pp:
+        return None
+    v = vpp if looped else 1
+    return (pp - 1) / (v * num_microbatches + pp - 1)

@@ -1,27 +1,34 @@
 """Event-driven simulator for pipeline schedules.
 
-It reads the same per-rank action lists the executor walks (see ``schedules.py``) and models
-the executor's behaviour:
+It reads the same per-rank action lists the executor walks (see ``actions.py`` and
+``communication.py``):
 
 * compute actions take ``t_fwd / vpp`` or ``t_bwd / vpp`` (the given times are for a whole
-  stage, i.e. all of a rank's layers; one of ``vpp`` chunks holds ``1/vpp`` of them);
-* a maximal run of consecutive comm actions is posted as one batch and the rank waits until
-  every message of the batch has been transferred. Sends are *rendezvous*: a message moves only
-  once both its send and its receive have been posted, and takes ``t_comm``. That is the
-  pessimistic model of NCCL point-to-point, so a schedule that does not deadlock here does not
-  deadlock on the executor either.
+  stage, i.e. all of a rank's layers; each of the ``vpp`` chunks holds ``1/vpp`` of them);
+* a maximal run of consecutive comm actions is one batch, posted when the rank reaches it; a
+  message moves once both its send and its receive are posted and takes ``t_comm``.
+
+Two executor models (``mode``):
+
+* ``"async"`` (default): posting never blocks; a compute action waits only for the arrival
+  of its own input. This is the recommended executor and gives the schedule's ideal timeline.
+* ``"rendezvous"``: the rank waits at each batch until all its messages moved, sends included
+  (a send needs its receive posted, as NCCL). The strictest model: a schedule that does not
+  deadlock here does not deadlock on any executor following the posting rule.
 
 It checks that every receive has its matching send (per directed channel, in order), that
 every compute action has its inputs (a forward its activation, a backward its forward and its
-output gradient), and reports a deadlock with the blocked ranks and actions.
+output gradient), runs once, and reports a deadlock with the blocked ranks and actions.
 """
 
 from __future__ import annotations
 
 from dataclasses import asdict, dataclass, field
 
+from megatron_lite.pipeline.actions import Action, Schedule, check_pairing, message_key
 from megatron_lite.pipeline.placement import virtual_stage
-from megatron_lite.pipeline.schedules import Action, Schedule, check_pairing, message_key
+
+MODES = ("async", "rendezvous")
 
 
 class ScheduleError(ValueError):
@@ -83,8 +90,7 @@ class _Rank:
     actions: list[Action]
     pc: int = 0
     clock: float = 0.0
-    posted_at: float | None = None  # post time of the comm batch at ``pc``, if posted
-    received: set = field(default_factory=set)
+    posted_at: float | None = None  # rendezvous: post time of the comm batch at ``pc``
     fwd_done: set = field(default_factory=set)
     bwd_done: set = field(default_factory=set)
     live: int = 0
@@ -104,84 +110,118 @@ class _Rank:
 
 
 class _Simulation:
-    """Runs the ranks' programs; the loop only needs each rank's own clock (order-independent)."""
+    """Runs the ranks' programs.
 
-    def __init__(self, schedule: Schedule, t_fwd: float, t_bwd: float, t_comm: float, vpp: int):
-        self.pp, self.vpp, self.t_comm = len(schedule), vpp, t_comm
-        self.duration = {"F": t_fwd / vpp, "B": t_bwd / vpp}
+    Each rank advances as far as it can, in turn, until all are done or none can move. Times
+    depend only on each rank's own clock and the post times of its peers, so the visiting
+    order does not change the result.
+    """
+
+    def __init__(self, schedule: Schedule, durations: dict[str, float], t_comm: float, vpp: int, mode: str):
+        self.pp, self.vpp, self.t_comm, self.mode = len(schedule), vpp, t_comm, mode
+        self.duration = durations
         self.ranks = [_Rank(list(actions)) for actions in schedule]
-        # Post times of the k-th send / receive on each directed channel (src, dst).
-        self.posted: dict[tuple[str, int, int], list[float]] = {}
-        # (channel side, index on that channel) for every comm action, by (rank, position).
-        self.slot: dict[tuple[int, int], tuple[tuple[str, int, int], int]] = {}
+        # Post time of the send ("S", key) / receive ("R", key) of every message posted so far.
+        self.posted: dict[tuple[str, tuple], float] = {}
+        self.recv_action: dict[tuple, Action] = {}
+        self.key: dict[tuple[int, int], tuple] = {}
         for rank, actions in enumerate(schedule):
-            counts: dict[tuple[str, int, int], int] = {}
             for pos, a in enumerate(actions):
                 if a.is_comm:
-                    chan = ("S", rank, a.peer) if a.is_send else ("R", a.peer, rank)
-                    self.slot[(rank, pos)] = (chan, counts.get(chan, 0))
-                    counts[chan] = counts.get(chan, 0) + 1
+                    self.key[(rank, pos)] = message_key(a, rank, self.pp)
+                    if not a.is_send:
+                        self.recv_action[self.key[(rank, pos)]] = a
 
-    def _compute(self, rank: int, st: _Rank, a: Action) -> None:
+    # ----------------------------------------------------------------------- compute
+
+    def _input_key(self, rank: int, a: Action) -> tuple | None:
+        """Key of the message a compute action consumes; None if its input is local."""
         stage = virtual_stage(rank, a.chunk, self.pp)
-        key = (a.chunk, a.microbatch)
-        last = stage == self.pp * self.vpp - 1
         if a.kind == "F":
-            missing = key in st.fwd_done and "forward already ran"
-            missing = missing or (stage > 0 and ("F", stage - 1, a.microbatch) not in st.received
-                                  and "input activation not received (missing RECV_F)")
-            st.fwd_done.add(key)
-            st.live += 1
-        else:
-            missing = key in st.bwd_done and "backward already ran"
-            missing = missing or (key not in st.fwd_done and "its forward has not run")
-            missing = missing or (not last and ("B", stage + 1, a.microbatch) not in st.received
-                                  and "output gradient not received (missing RECV_B)")
-            st.bwd_done.add(key)
-            st.live -= 1
-        if missing:
-            raise ScheduleError(f"rank {rank}: {a} cannot run: {missing}")
-        st.peak = max(st.peak, st.live)
-        end = st.clock + self.duration[a.kind]
-        st.timeline.append(Interval(st.clock, end, a.kind, a.chunk, a.microbatch))
-        st.clock = end
+            return None if stage == 0 else ("F", stage - 1, a.microbatch)
+        return None if stage == self.pp * self.vpp - 1 else ("B", stage + 1, a.microbatch)
 
-    def _try_batch(self, rank: int, st: _Rank) -> bool:
-        """Post the comm batch at ``pc`` (once) and complete it if every peer has posted."""
+    def _check(self, rank: int, st: _Rank, a: Action) -> None:
+        """Raise ScheduleError for a duplicate compute, a backward before its forward, or a
+        compute whose input receive was never posted before it."""
+        key = (a.chunk, a.microbatch)
+        done = st.fwd_done if a.kind == "F" else st.bwd_done
+        problem = None
+        if key in done:
+            problem = "it already ran"
+        elif a.kind == "B" and key not in st.fwd_done:
+            problem = "its forward has not run"
+        else:
+            msg = self._input_key(rank, a)
+            if msg is not None and ("R", msg) not in self.posted:
+                problem = f"no RECV_{a.kind} of its input was posted before it"
+        if problem:
+            raise ScheduleError(f"rank {rank}: {a} cannot run: {problem}")
+
+    def _start_time(self, rank: int, st: _Rank, a: Action) -> float | None:
+        """When compute ``a`` can start, or None while its input has not been sent (async)."""
+        self._check(rank, st, a)
+        msg = self._input_key(rank, a)
+        if msg is None or self.mode == "rendezvous":
+            # Rendezvous: the receive's batch completed before the rank got here.
+            return st.clock
+        sent = self.posted.get(("S", msg))
+        if sent is None:
+            return None
+        return max(st.clock, max(sent, self.posted[("R", msg)]) + self.t_comm)
+
+    def _compute(self, st: _Rank, a: Action, start: float) -> None:
+        key = (a.chunk, a.microbatch)
+        (st.fwd_done if a.kind == "F" else st.bwd_done).add(key)
+        st.live += 1 if a.kind == "F" else -1
+        st.peak = max(st.peak, st.live)
+        end = start + self.duration[a.kind]
+        st.timeline.append(Interval(start, end, a.kind, a.chunk, a.microbatch))
+        st.clock = end
+        st.pc += 1
+
+    # ----------------------------------------------------------------------- communication
+
+    def _side(self, rank: int, pos: int) -> tuple[str, tuple]:
+        """(own side, message key) of the comm action at ``pos`` of ``rank``."""
+        return ("S" if self.ranks[rank].actions[pos].is_send else "R"), self.key[(rank, pos)]
+
+    def _peer_post(self, rank: int, pos: int) -> float | None:
+        """When the other end of this comm action was posted (None: not yet)."""
+        side, key = self._side(rank, pos)
+        return self.posted.get(("R" if side == "S" else "S", key))
+
+    def _batch(self, rank: int, st: _Rank) -> bool:
+        """Post the comm batch at ``pc`` (once); move past it when the mode allows."""
         end = st.batch_end()
         progressed = False
         if st.posted_at is None:
             st.posted_at = st.clock
             for pos in range(st.pc, end):
-                chan, _ = self.slot[(rank, pos)]
-                self.posted.setdefault(chan, []).append(st.clock)
+                self.posted[self._side(rank, pos)] = st.clock
             progressed = True
         finish = st.clock
-        for pos in range(st.pc, end):
-            chan, k = self.slot[(rank, pos)]
-            peer_times = self.posted.get(("R" if chan[0] == "S" else "S",) + chan[1:], [])
-            if len(peer_times) <= k:
-                return progressed
-            finish = max(finish, max(st.posted_at, peer_times[k]) + self.t_comm)
-        for pos in range(st.pc, end):
-            a = st.actions[pos]
-            if not a.is_send:
-                st.received.add(message_key(a, rank, self.pp))
+        if self.mode == "rendezvous":
+            for pos in range(st.pc, end):
+                peer_time = self._peer_post(rank, pos)
+                if peer_time is None:
+                    return progressed
+                finish = max(finish, max(st.posted_at, peer_time) + self.t_comm)
         st.clock, st.pc, st.posted_at = finish, end, None
         return True
 
     def _blocked(self) -> dict[int, list[Action]]:
-        """Unmatched actions of every unfinished rank (called when nobody can progress)."""
+        """What every unfinished rank waits on (called when nobody can progress)."""
         blocked = {}
         for rank, st in enumerate(self.ranks):
             if st.done:
                 continue
-            waiting = []
-            for pos in range(st.pc, st.batch_end()):
-                chan, k = self.slot[(rank, pos)]
-                if len(self.posted.get(("R" if chan[0] == "S" else "S",) + chan[1:], [])) <= k:
-                    waiting.append(st.actions[pos])
-            blocked[rank] = waiting
+            a = st.actions[st.pc]
+            if a.is_comm:
+                pending = range(st.pc, st.batch_end())
+                blocked[rank] = [st.actions[p] for p in pending if self._peer_post(rank, p) is None]
+            else:
+                blocked[rank] = [self.recv_action[self._input_key(rank, a)], a]
         return blocked
 
     def run(self) -> None:
@@ -192,11 +232,13 @@ class _Simulation:
                 while not st.done:
                     a = st.actions[st.pc]
                     if a.is_comm:
-                        if not self._try_batch(rank, st):
+                        if not self._batch(rank, st):
                             break
                     else:
-                        self._compute(rank, st, a)
-                        st.pc += 1
+                        start = self._start_time(rank, st, a)
+                        if start is None:
+                            break
+                        self._compute(st, a, start)
                     progressed = True
             if not progressed:
                 raise PipelineDeadlock(self._blocked())
@@ -213,6 +255,8 @@ def simulate(
     t_bwd: float = 2.0,
     t_comm: float = 0.0,
     vpp: int | None = None,
+    mode: str = "async",
+    check_order: bool = True,
 ) -> SimulationResult:
     """Simulate one training step of a pipeline schedule.
 
@@ -222,6 +266,11 @@ def simulate(
         t_bwd: Backward time of a whole stage for one microbatch.
         t_comm: Transfer time of one send -> receive.
         vpp: Model chunks per rank; inferred from the actions if None.
+        mode: "async" (default): posting a batch never blocks; a compute action waits for
+            the arrival of its input. "rendezvous": a rank waits at every batch until each of
+            its messages has been transferred, sends included (the strictest executor).
+        check_order: Check that each channel's sends and receives pair up in order (as NCCL
+            needs). Messages are matched by identity either way.
 
     Returns:
         The step time, bubble fraction, peak activations and timelines.
@@ -230,11 +279,17 @@ def simulate(
         ScheduleError: Unpaired comm, a compute action without its inputs, or a duplicate.
         PipelineDeadlock: If no rank can progress; names the ranks and blocking actions.
     """
-    try:
-        check_pairing(schedule)
-    except ValueError as e:
-        raise ScheduleError(str(e)) from None
-    sim = _Simulation(schedule, t_fwd, t_bwd, t_comm, vpp or infer_vpp(schedule))
+    if mode not in MODES:
+        raise ValueError(f"simulation mode {mode!r} is not one of {MODES}")
+    if check_order:
+        try:
+            check_pairing(schedule)
+        except ValueError as e:
+            raise ScheduleError(str(e)) from None
+    vpp = vpp or infer_vpp(schedule)
+    # The given times are for a whole stage; each of the vpp chunks holds 1/vpp of its layers.
+    durations = {"F": t_fwd / vpp, "B": t_bwd / vpp}
+    sim = _Simulation(schedule, durations, t_comm, vpp, mode)
     sim.run()
     step = max((st.clock for st in sim.ranks), default=0.0)
     busy = [sum(iv.end - iv.start for iv in st.timeline) for st in sim.ranks]

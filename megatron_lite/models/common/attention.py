@@ -16,8 +16,16 @@ class Attention(nn.Module):
     ``parallelize`` lowers them to the local counts when it shards ``wqkv`` and ``wo``.
     """
 
-    def __init__(self, hidden_size: int, num_heads: int, num_kv_heads: int, head_dim: int,
-                 layer_idx: int, device=None, dtype=None):
+    def __init__(
+        self,
+        hidden_size: int,
+        num_heads: int,
+        num_kv_heads: int,
+        head_dim: int,
+        layer_idx: int,
+        device=None,
+        dtype=None,
+    ):
         super().__init__()
         self.num_heads = num_heads
         self.num_kv_heads = num_kv_heads
@@ -27,8 +35,9 @@ class Attention(nn.Module):
         self.wqkv = nn.Linear(hidden_size, qkv_rows, bias=False, device=device, dtype=dtype)
         self.wo = nn.Linear(num_heads * head_dim, hidden_size, bias=False, device=device, dtype=dtype)
 
-    def forward(self, x: torch.Tensor, rope: tuple[torch.Tensor, torch.Tensor], meta: AttentionMeta,
-                cache=None) -> torch.Tensor:
+    def forward(
+        self, x: torch.Tensor, rope: tuple[torch.Tensor, torch.Tensor], meta: AttentionMeta, cache=None
+    ) -> torch.Tensor:
         """Attend over ``x`` ``[b, s, h]`` (``[b, s/tp, h]`` under sequence parallel).
 
         Args:

@@ -47,16 +47,20 @@ def select_backend(requested: str, device: torch.device, packed: bool, window: i
         raise ValueError(f"attention backend {requested!r} is not one of {', '.join(BACKENDS)}")
     if requested == "flash":
         if not flash_attn_available():
-            raise RuntimeError("attention backend 'flash' requested but flash-attn is not installed "
-                               "(pip install flash-attn) ")
+            raise RuntimeError(
+                "attention backend 'flash' requested but flash-attn is not installed "
+                "(pip install flash-attn) "
+            )
         if device.type != "cuda":
             raise RuntimeError("attention backend 'flash' needs CUDA tensors")
         return "flash"
     if requested == "flex" and device.type != "cuda":
         raise RuntimeError("attention backend 'flex' needs CUDA for backward; use 'auto' on CPU")
     if requested == "sdpa" and (packed or window is not None):
-        raise RuntimeError("attention backend 'sdpa' serves only plain causal attention: "
-                           "no packed documents, no sliding window")
+        raise RuntimeError(
+            "attention backend 'sdpa' serves only plain causal attention: "
+            "no packed documents, no sliding window"
+        )
     if requested != "auto":
         return requested
     if not packed and window is None:
@@ -139,7 +143,14 @@ def _flash(q, k, v, cu_seqlens, max_seqlen, window: int | None) -> torch.Tensor:
         max_seqlen = s
     win = (window - 1, 0) if window is not None else (-1, -1)
     out = flash_attn_varlen_func(
-        q.reshape(b * s, nq, hd), k.reshape(b * s, -1, hd), v.reshape(b * s, -1, hd),
-        cu_seqlens, cu_seqlens, max_seqlen, max_seqlen, causal=True, window_size=win,
+        q.reshape(b * s, nq, hd),
+        k.reshape(b * s, -1, hd),
+        v.reshape(b * s, -1, hd),
+        cu_seqlens,
+        cu_seqlens,
+        max_seqlen,
+        max_seqlen,
+        causal=True,
+        window_size=win,
     )
     return out.view(b, s, nq, hd)

@@ -32,10 +32,12 @@ class GroupedExperts(nn.Module):
     def __init__(self, num_experts: int, hidden_size: int, intermediate_size: int, device=None, dtype=None):
         super().__init__()
         self.num_local_experts = num_experts
-        self.w13 = nn.Parameter(torch.empty(num_experts, 2 * intermediate_size, hidden_size,
-                                            device=device, dtype=dtype))
-        self.w2 = nn.Parameter(torch.empty(num_experts, hidden_size, intermediate_size,
-                                           device=device, dtype=dtype))
+        self.w13 = nn.Parameter(
+            torch.empty(num_experts, 2 * intermediate_size, hidden_size, device=device, dtype=dtype)
+        )
+        self.w2 = nn.Parameter(
+            torch.empty(num_experts, hidden_size, intermediate_size, device=device, dtype=dtype)
+        )
 
     def forward(self, x: torch.Tensor, tokens_per_expert: torch.Tensor) -> torch.Tensor:
         """``x`` ``[N, H]`` grouped by expert, ``tokens_per_expert`` int64 ``[E_local]`` -> ``[N, H]``."""
@@ -93,8 +95,17 @@ class MoE(nn.Module):
     trainer gives one microbatch's loss (e.g. ``1 / num_microbatches``).
     """
 
-    def __init__(self, hidden_size: int, intermediate_size: int, num_experts: int, top_k: int,
-                 aux_loss_coeff: float = 0.0, z_loss_coeff: float = 0.0, device=None, dtype=None):
+    def __init__(
+        self,
+        hidden_size: int,
+        intermediate_size: int,
+        num_experts: int,
+        top_k: int,
+        aux_loss_coeff: float = 0.0,
+        z_loss_coeff: float = 0.0,
+        device=None,
+        dtype=None,
+    ):
         super().__init__()
         self.num_experts = num_experts
         self.top_k = top_k
@@ -113,7 +124,9 @@ class MoE(nn.Module):
         x_flat = x.reshape(b * s, h)  # [T, h]
         logits = self.router(x_flat).float()  # [T, E]
         weights, indices, _ = ops.moe_topk_softmax(logits, self.top_k)  # [T, k] fp32, [T, k] int64
-        expert_in, tokens_per_expert, ctx = self.dispatcher.dispatch(x_flat, indices, weights, self.num_experts)
+        expert_in, tokens_per_expert, ctx = self.dispatcher.dispatch(
+            x_flat, indices, weights, self.num_experts
+        )
         expert_out = self.experts(expert_in, tokens_per_expert)  # [N, h]
         out = self.dispatcher.combine(expert_out, ctx).to(x.dtype)  # [T, h]
         if self.training and (self.aux_loss_coeff > 0 or self.z_loss_coeff > 0):

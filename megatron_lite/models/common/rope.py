@@ -18,7 +18,9 @@ class RotaryEmbedding(nn.Module):
 
     def _inv_freq(self, device: torch.device) -> torch.Tensor:
         if self.inv_freq is None or self.inv_freq.device != device or self.inv_freq.is_meta:
-            exponent = torch.arange(0, self.head_dim, 2, dtype=torch.int64, device=device).float() / self.head_dim
+            exponent = (
+                torch.arange(0, self.head_dim, 2, dtype=torch.int64, device=device).float() / self.head_dim
+            )
             self.inv_freq = 1.0 / (self.theta**exponent)  # [hd/2]
         return self.inv_freq
 

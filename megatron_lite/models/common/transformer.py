@@ -30,12 +30,20 @@ class TransformerBlock(nn.Module):
         super().__init__()
         kw = dict(device=device, dtype=dtype)
         self.attention_norm = RMSNorm(cfg.hidden_size, cfg.rms_norm_eps, **kw)
-        self.attention = Attention(cfg.hidden_size, cfg.num_attention_heads, cfg.num_kv_heads,
-                                   cfg.head_dim, layer_idx, **kw)
+        self.attention = Attention(
+            cfg.hidden_size, cfg.num_attention_heads, cfg.num_kv_heads, cfg.head_dim, layer_idx, **kw
+        )
         self.ffn_norm = RMSNorm(cfg.hidden_size, cfg.rms_norm_eps, **kw)
         if cfg.is_moe:
-            self.feed_forward = MoE(cfg.hidden_size, cfg.intermediate_size, cfg.num_experts, cfg.top_k,
-                                    cfg.aux_loss_coeff, cfg.z_loss_coeff, **kw)
+            self.feed_forward = MoE(
+                cfg.hidden_size,
+                cfg.intermediate_size,
+                cfg.num_experts,
+                cfg.top_k,
+                cfg.aux_loss_coeff,
+                cfg.z_loss_coeff,
+                **kw,
+            )
         else:
             self.feed_forward = MLP(cfg.hidden_size, cfg.intermediate_size, **kw)
 
@@ -54,8 +62,15 @@ class Transformer(nn.Module):
         post_process: holds the final norm and output layer (last pipeline stage).
     """
 
-    def __init__(self, cfg: ModelConfig, layer_ids: Iterable[int] | None = None, pre_process: bool = True,
-                 post_process: bool = True, device=None, dtype=None):
+    def __init__(
+        self,
+        cfg: ModelConfig,
+        layer_ids: Iterable[int] | None = None,
+        pre_process: bool = True,
+        post_process: bool = True,
+        device=None,
+        dtype=None,
+    ):
         super().__init__()
         cfg.validate()
         self.cfg = cfg
@@ -73,9 +88,14 @@ class Transformer(nn.Module):
         self.rope = RotaryEmbedding(cfg.head_dim, cfg.rope_theta)
         self.attention_backend = "auto"
 
-    def forward(self, tokens_or_hidden: torch.Tensor, position_ids: torch.Tensor | None = None,
-                cu_seqlens: torch.Tensor | None = None, max_seqlen: int | None = None,
-                cache=None) -> torch.Tensor:
+    def forward(
+        self,
+        tokens_or_hidden: torch.Tensor,
+        position_ids: torch.Tensor | None = None,
+        cu_seqlens: torch.Tensor | None = None,
+        max_seqlen: int | None = None,
+        cache=None,
+    ) -> torch.Tensor:
         """Run the stage.
 
         Args:

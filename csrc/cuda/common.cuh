@@ -1,0 +1,68 @@
+// Small device helpers shared by the megatron_lite CUDA kernels.
+//
+// Only c10 CUDA headers are used (no ATen/cuda/CUDAContext.h): that header pulls in cuBLAS and
+// cuSPARSE, which these kernels do not need.
+#pragma once
+
+#include <ATen/ATen.h>
+#include <c10/cuda/CUDAException.h>
+#include <c10/cuda/CUDAGuard.h>
+#include <c10/cuda/CUDAStream.h>
+
+#include <cstdint>
+
+namespace megatron_lite {
+namespace cuda {
+
+constexpr unsigned kFullMask = 0xffffffffu;
+constexpr int kWarp = 32;
+
+// N elements moved as one 16-byte (or smaller) transaction.
+template <typename T, int N>
+struct alignas(sizeof(T) * N) AlignedVec {
+  T val[N];
+};
+
+// Elements per 16-byte vector for rows of `row_elems` elements starting at each pointer, or 1
+// when a row or base pointer is not 16-byte aligned (odd hidden sizes, offset views).
+inline int vec_width(int64_t row_elems, int64_t elem_size, std::initializer_list<const void*> ptrs) {
+  const int64_t width = 16 / elem_size;
+  if (width <= 1 || row_elems % width != 0) return 1;
+  for (const void* p : ptrs) {
+    if (p != nullptr && reinterpret_cast<uintptr_t>(p) % 16 != 0) return 1;
+  }
+  return static_cast<int>(width);
+}
+
+// Grid size for a grid-stride loop over `work` items of `per_block` each.
+inline unsigned grid_for(int64_t work, int64_t per_block) {
+  const int64_t blocks = (work + per_block - 1) / per_block;
+  constexpr int64_t kMaxBlocks = int64_t{1} << 20;  // enough to fill any GPU; the loop covers the rest
+  return static_cast<unsigned>(blocks < 1 ? 1 : (blocks > kMaxBlocks ? kMaxBlocks : blocks));
+}
+
+}  // namespace cuda
+}  // namespace megatron_lite
+
+// Dispatch on the vector width chosen by vec_width (a compile-time constant inside the body).
+#define ML_DISPATCH_VEC(width, VEC, ...)          \
+  [&] {                                           \
+    switch (width) {                              \
+      case 8: {                                   \
+        constexpr int VEC = 8;                    \
+        return __VA_ARGS__();                     \
+      }                                           \
+      case 4: {                                   \
+        constexpr int VEC = 4;                    \
+        return __VA_ARGS__();                     \
+      }                                           \
+      case 2: {                                   \
+        constexpr int VEC = 2;                    \
+        return __VA_ARGS__();                     \
+      }                                           \
+      default: {                                  \
+        constexpr int VEC = 1;                    \
+        return __VA_ARGS__();                     \
+      }                                           \
+    }                                             \
+  }()

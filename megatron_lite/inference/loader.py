@@ -1,0 +1,39 @@
+"""Find and load a model for inference from whatever checkpoint directory the user points at."""
+
+from __future__ import annotations
+
+import os
+from pathlib import Path
+
+import torch
+
+
+class UnsupportedCheckpointError(ValueError):
+    """The directory holds no checkpoint format that inference can read."""
+
+
+def checkpoint_kind(path: str | os.PathLike) -> str:
+    """What ``path`` holds: ``"hf"`` (config.json + safetensors); raises for anything else."""
+    from megatron_lite.models.hf_io import CONFIG_FILE, INDEX_FILE, SINGLE_FILE
+
+    p = Path(path)
+    if not p.is_dir():
+        raise UnsupportedCheckpointError(f"{p}: not a directory")
+    if (p / CONFIG_FILE).is_file() and ((p / SINGLE_FILE).is_file() or (p / INDEX_FILE).is_file()):
+        return "hf"
+    raise UnsupportedCheckpointError(
+        f"{p}: unsupported checkpoint (expected a Hugging Face directory with {CONFIG_FILE} and "
+        f"{SINGLE_FILE} or {INDEX_FILE}; training checkpoints are not readable here yet)"
+    )
+
+
+def load_model_for_inference(
+    path: str | os.PathLike, dtype: torch.dtype = torch.float32, device: str | torch.device = "cpu"
+):
+    """Load the model in ``path`` (dispatching on its contents) in eval mode."""
+    kind = checkpoint_kind(path)
+    if kind == "hf":
+        from megatron_lite.models.hf_io import load_hf
+
+        model = load_hf(path, dtype=dtype, device=device)
+    return model.eval()

@@ -1,0 +1,262 @@
+"""Communication primitives of tensor, sequence and expert parallelism, as autograd pairs.
+
+Each function's backward is the collective that its forward's transpose needs:
+
+    copy_to_region              fwd identity          bwd all-reduce
+    reduce_from_region          fwd all-reduce        bwd identity
+    scatter_to_sequence         fwd split dim         bwd all-gather
+    gather_from_sequence        fwd all-gather dim    bwd reduce-scatter (or split)
+    reduce_scatter_to_sequence  fwd reduce-scatter    bwd all-gather
+    all_to_all                  fwd all-to-all        bwd reverse all-to-all
+    all_gather_tokens           fwd all-gather-v d0   bwd reduce-scatter-v
+    reduce_scatter_tokens       fwd reduce-scatter-v  bwd all-gather-v
+
+Layers call only these. ``group=None`` means a group of one rank (no communication), so the
+same layer code runs without torch.distributed. Sequence functions split ``dim`` (1 for the
+batch-first ``[b, s, h]`` layout); token functions work on dim 0 with per-rank sizes.
+"""
+
+from __future__ import annotations
+
+import torch
+import torch.distributed as dist
+
+# torch 2.13 renamed the single-tensor collectives; keep working on older releases too.
+_all_gather_single = getattr(dist, "all_gather_single", None) or dist.all_gather_into_tensor
+_reduce_scatter_single = getattr(dist, "reduce_scatter_single", None) or dist.reduce_scatter_tensor
+
+# ---------------------------------------------------------------- plain (non-autograd) helpers
+
+
+def group_size(group) -> int:
+    """Number of ranks in ``group`` (1 for None)."""
+    return 1 if group is None else dist.get_world_size(group)
+
+
+def group_rank(group) -> int:
+    """Index of this process in ``group`` (0 for None)."""
+    return 0 if group is None else dist.get_rank(group)
+
+
+def all_reduce_(tensor: torch.Tensor, group, op=dist.ReduceOp.SUM) -> torch.Tensor:
+    """In-place all-reduce (no autograd); no-op on a one-rank group."""
+    if group_size(group) > 1:
+        dist.all_reduce(tensor, op=op, group=group)
+    return tensor
+
+
+def all_gather_stack(t: torch.Tensor, group) -> torch.Tensor:
+    """Every rank's equal-shape ``t`` stacked in group order -> ``[g, *t.shape]`` (no autograd)."""
+    if group_size(group) == 1:
+        return t.unsqueeze(0).clone()
+    return _all_gather_dim0(t.reshape(1, -1), group).view(group_size(group), *t.shape)
+
+
+def all_gather_sizes(n: int, group, device=None) -> list[int]:
+    """Every rank's ``n`` (e.g. its token count), in group order."""
+    if group_size(group) == 1:
+        return [n]
+    return all_gather_stack(torch.tensor([n], dtype=torch.int64, device=device), group).flatten().tolist()
+
+
+def all_to_all_counts(counts: torch.Tensor, group) -> torch.Tensor:
+    """Exchange a ``[g, ...]`` integer tensor: row j goes to rank j; returns rows from each source."""
+    if group_size(group) == 1:
+        return counts.clone()
+    out = torch.empty_like(counts)
+    dist.all_to_all_single(out, counts.contiguous(), group=group)
+    return out
+
+
+def _all_gather_dim0(x: torch.Tensor, group) -> torch.Tensor:
+    """Equal-size all-gather along dim 0 -> ``[g * n, ...]``."""
+    out = x.new_empty((group_size(group) * x.shape[0], *x.shape[1:]))
+    _all_gather_single(out, x.contiguous(), group=group)
+    return out
+
+
+def _reduce_scatter_dim0(x: torch.Tensor, group) -> torch.Tensor:
+    """Sum over ranks, then keep this rank's equal share of dim 0."""
+    g = group_size(group)
+    if x.shape[0] % g:
+        raise ValueError(f"reduce-scatter: dim 0 ({x.shape[0]}) is not divisible by the group size ({g})")
+    out = x.new_empty((x.shape[0] // g, *x.shape[1:]))
+    _reduce_scatter_single(out, x.contiguous(), group=group)
+    return out
+
+
+def _along(fn, x: torch.Tensor, group, dim: int) -> torch.Tensor:
+    """Apply a dim-0 collective ``fn`` along ``dim`` (collectives need the split dim outermost)."""
+    if dim == 0:
+        return fn(x, group)
+    return fn(x.movedim(dim, 0), group).movedim(0, dim).contiguous()
+
+
+def _split(x: torch.Tensor, group, dim: int) -> torch.Tensor:
+    g, r = group_size(group), group_rank(group)
+    if x.shape[dim] % g:
+        raise ValueError(f"sequence dim ({x.shape[dim]}) is not divisible by the group size ({g})")
+    return x.chunk(g, dim=dim)[r].contiguous()
+
+
+def _gather_v(x: torch.Tensor, sizes: list[int], group) -> torch.Tensor:
+    """All-gather along dim 0 with per-rank sizes: pad to the largest, gather, drop the padding."""
+    if len(set(sizes)) == 1:
+        return _all_gather_dim0(x, group)
+    most = max(sizes)
+    padded = x.new_zeros((most, *x.shape[1:]))
+    padded[: x.shape[0]] = x
+    full = _all_gather_dim0(padded, group)  # [g * most, ...]
+    return torch.cat([full[i * most : i * most + n] for i, n in enumerate(sizes)])
+
+
+def _reduce_scatter_v(x: torch.Tensor, sizes: list[int], group) -> torch.Tensor:
+    """Sum ``x`` ``[sum(sizes), ...]`` over ranks; rank i keeps its ``sizes[i]`` rows."""
+    if len(set(sizes)) == 1:
+        return _reduce_scatter_dim0(x, group)
+    most = max(sizes)
+    padded = x.new_zeros((len(sizes) * most, *x.shape[1:]))
+    for i, part in enumerate(x.split(sizes)):
+        padded[i * most : i * most + part.shape[0]] = part
+    return _reduce_scatter_dim0(padded, group)[: sizes[group_rank(group)]]
+
+
+# ---------------------------------------------------------------- autograd pairs
+
+
+class _CopyToRegion(torch.autograd.Function):
+    @staticmethod
+    def forward(ctx, x, group):
+        ctx.group = group
+        return x.view_as(x)
+
+    @staticmethod
+    def backward(ctx, grad):
+        return all_reduce_(grad.clone(memory_format=torch.contiguous_format), ctx.group), None
+
+
+class _ReduceFromRegion(torch.autograd.Function):
+    @staticmethod
+    def forward(ctx, x, group):
+        return all_reduce_(x.clone(memory_format=torch.contiguous_format), group)
+
+    @staticmethod
+    def backward(ctx, grad):
+        return grad, None
+
+
+class _ScatterToSequence(torch.autograd.Function):
+    @staticmethod
+    def forward(ctx, x, group, dim):
+        ctx.group, ctx.dim = group, dim
+        return _split(x, group, dim)
+
+    @staticmethod
+    def backward(ctx, grad):
+        return _along(_all_gather_dim0, grad, ctx.group, ctx.dim), None, None
+
+
+class _GatherFromSequence(torch.autograd.Function):
+    @staticmethod
+    def forward(ctx, x, group, dim, reduce_grad):
+        ctx.group, ctx.dim, ctx.reduce_grad = group, dim, reduce_grad
+        return _along(_all_gather_dim0, x, group, dim)
+
+    @staticmethod
+    def backward(ctx, grad):
+        if ctx.reduce_grad:
+            return _along(_reduce_scatter_dim0, grad, ctx.group, ctx.dim), None, None, None
+        return _split(grad, ctx.group, ctx.dim), None, None, None
+
+
+class _ReduceScatterToSequence(torch.autograd.Function):
+    @staticmethod
+    def forward(ctx, x, group, dim):
+        ctx.group, ctx.dim = group, dim
+        return _along(_reduce_scatter_dim0, x, group, dim)
+
+    @staticmethod
+    def backward(ctx, grad):
+        return _along(_all_gather_dim0, grad, ctx.group, ctx.dim), None, None
+
+
+class _AllToAll(torch.autograd.Function):
+    @staticmethod
+    def forward(ctx, x, output_splits, input_splits, group):
+        ctx.group, ctx.output_splits, ctx.input_splits = group, output_splits, input_splits
+        out = x.new_empty((sum(output_splits), *x.shape[1:]))
+        dist.all_to_all_single(out, x.contiguous(), output_splits, input_splits, group=group)
+        return out
+
+    @staticmethod
+    def backward(ctx, grad):
+        out = grad.new_empty((sum(ctx.input_splits), *grad.shape[1:]))
+        dist.all_to_all_single(out, grad.contiguous(), ctx.input_splits, ctx.output_splits, group=ctx.group)
+        return out, None, None, None
+
+
+class _AllGatherTokens(torch.autograd.Function):
+    @staticmethod
+    def forward(ctx, x, sizes, group):
+        ctx.group, ctx.sizes = group, sizes
+        return _gather_v(x, sizes, group)
+
+    @staticmethod
+    def backward(ctx, grad):
+        return _reduce_scatter_v(grad, ctx.sizes, ctx.group), None, None
+
+
+class _ReduceScatterTokens(torch.autograd.Function):
+    @staticmethod
+    def forward(ctx, x, sizes, group):
+        ctx.group, ctx.sizes = group, sizes
+        return _reduce_scatter_v(x, sizes, group)
+
+    @staticmethod
+    def backward(ctx, grad):
+        return _gather_v(grad.contiguous(), ctx.sizes, ctx.group), None, None
+
+
+def copy_to_region(x: torch.Tensor, group) -> torch.Tensor:
+    """Enter a tensor-parallel region with a replicated input: identity; backward all-reduces."""
+    return x if group_size(group) == 1 else _CopyToRegion.apply(x, group)
+
+
+def reduce_from_region(x: torch.Tensor, group) -> torch.Tensor:
+    """Leave a tensor-parallel region by summing partial results: all-reduce; backward identity."""
+    return x if group_size(group) == 1 else _ReduceFromRegion.apply(x, group)
+
+
+def scatter_to_sequence(x: torch.Tensor, group, dim: int = 1) -> torch.Tensor:
+    """Keep this rank's chunk of ``dim`` (replicated -> sequence-sharded); backward all-gathers."""
+    return x if group_size(group) == 1 else _ScatterToSequence.apply(x, group, dim)
+
+
+def gather_from_sequence(x: torch.Tensor, group, dim: int = 1, reduce_grad: bool = True) -> torch.Tensor:
+    """All-gather the sequence chunks along ``dim``.
+
+    Args:
+        reduce_grad: the consumer is tensor-parallel (each rank's gradient is partial), so the
+            backward reduce-scatters; False when the consumer is replicated (backward just splits).
+    """
+    return x if group_size(group) == 1 else _GatherFromSequence.apply(x, group, dim, reduce_grad)
+
+
+def reduce_scatter_to_sequence(x: torch.Tensor, group, dim: int = 1) -> torch.Tensor:
+    """Sum partial results and keep this rank's chunk of ``dim``; backward all-gathers."""
+    return x if group_size(group) == 1 else _ReduceScatterToSequence.apply(x, group, dim)
+
+
+def all_to_all(x: torch.Tensor, output_splits: list[int], input_splits: list[int], group) -> torch.Tensor:
+    """Send ``x.split(input_splits)[j]`` to rank j; receive ``output_splits[j]`` rows from rank j (dim 0)."""
+    return x if group_size(group) == 1 else _AllToAll.apply(x, list(output_splits), list(input_splits), group)
+
+
+def all_gather_tokens(x: torch.Tensor, sizes: list[int], group) -> torch.Tensor:
+    """Concatenate every rank's rows (rank i has ``sizes[i]``) along dim 0; backward reduce-scatters."""
+    return x if group_size(group) == 1 else _AllGatherTokens.apply(x, list(sizes), group)
+
+
+def reduce_scatter_tokens(x: torch.Tensor, sizes: list[int], group) -> torch.Tensor:
+    """Sum ``x`` ``[sum(sizes), ...]`` over ranks; rank i keeps its ``sizes[i]`` rows; bwd all-gathers."""
+    return x if group_size(group) == 1 else _ReduceScatterTokens.apply(x, list(sizes), group)

@@ -1,0 +1,58 @@
+"""Pretrain a Mistral/Mixtral model.
+
+Usage::
+
+    python -m megatron_lite.pretrain --config FILE [--section.field value ...]
+    torchrun --nproc-per-node N -m megatron_lite.pretrain --config FILE --parallel.tensor T ...
+
+Exit status: 0 done, 2 configuration error (one ``config error: ...`` line, printed before any
+process group or tensor exists), 1 checkpoint or data error (one line naming the file).
+"""
+
+from __future__ import annotations
+
+import os
+import sys
+from pathlib import Path
+
+from megatron_lite.config import ConfigError, main_argv_to_config
+from megatron_lite.training.checkpoint import CheckpointError
+from megatron_lite.training.runtime import check_run_config, env_world_size, init_runtime, shutdown
+from megatron_lite.training.setup import setup_training
+
+
+def main(argv: list[str] | None = None) -> int:
+    """Run pretraining from command-line arguments; returns the exit status."""
+    argv = list(sys.argv[1:] if argv is None else argv)
+    if argv and argv[0] in ("-h", "--help"):
+        print(__doc__)
+        return 0
+    try:
+        cfg = main_argv_to_config(argv)
+        check_run_config(cfg, env_world_size())
+    except ConfigError as exc:
+        print(f"config error: {exc}", file=sys.stderr)
+        return 2
+    if int(os.environ.get("RANK", "0")) == 0:
+        cfg.save(Path(cfg.logging.run_dir) / "config.yaml")
+    runtime = init_runtime(cfg)
+    try:
+        trainer = setup_training(cfg, runtime)
+        trainer.train()
+        trainer.writers.close()
+    except ConfigError as exc:  # found while building data (e.g. tokenizer larger than the vocabulary)
+        print(f"config error: {exc}", file=sys.stderr)
+        return 2
+    except CheckpointError as exc:
+        print(f"checkpoint error: {exc}", file=sys.stderr)
+        return 1
+    except FileNotFoundError as exc:
+        print(f"error: {exc}", file=sys.stderr)
+        return 1
+    finally:
+        shutdown(runtime)
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

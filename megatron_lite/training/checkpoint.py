@@ -1,0 +1,258 @@
+"""Checkpoints that survive crashes: written to a temporary directory, renamed into place, tracker last.
+
+Layout (names follow Megatron's so tools recognise them)::
+
+    <dir>/latest_checkpointed_iteration.txt      "N", replaced atomically after the rename
+    <dir>/iter_000000N/config.yaml               the run's resolved config (for humans)
+    <dir>/iter_000000N/mp_rank_XX[_PPP][_EEE]/model_optim_rng.pt
+    <dir>/iter_000000N/rng/rank_RRRRR.pt         every rank's RNG states
+
+``model_optim_rng.pt`` holds the local model's state dict under canonical parameter names (with
+tensor/expert parallelism: this rank's shards; resharding is a separate tool), the optimizer,
+scheduler and loss-scaler states, the iteration and the consumed sample counts. Exactly one rank
+writes each distinct shard set: the lowest rank with the same (tp, etp, ep, pp) coordinates, as
+data-parallel replicas hold identical states.
+"""
+
+from __future__ import annotations
+
+import os
+import random
+import shutil
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+import torch
+from torch import nn
+
+from megatron_lite.parallel.dims import ParallelDims
+
+TRACKER = "latest_checkpointed_iteration.txt"
+MODEL_FILE = "model_optim_rng.pt"
+
+
+class CheckpointError(RuntimeError):
+    """A checkpoint is missing, unreadable or does not fit the model; the message names the file."""
+
+
+def iteration_dir(root: str | Path, iteration: int) -> Path:
+    """``<root>/iter_{iteration:07d}``."""
+    return Path(root) / f"iter_{iteration:07d}"
+
+
+def _shard_key(dims: ParallelDims, rank: int) -> tuple[int, int, int, int]:
+    c = dims.coords(rank)
+    return (c.tp, c.etp, c.ep, c.pp)
+
+
+def shard_name(dims: ParallelDims, rank: int) -> str:
+    """Megatron-style ``mp_rank_{tp:02d}[_{pp:03d}][_{ep:03d}]`` (+ ``_etp{etp}`` when etp != tp)."""
+    c = dims.coords(rank)
+    name = f"mp_rank_{c.tp:02d}"
+    if dims.pp > 1:
+        name += f"_{c.pp:03d}"
+    if dims.ep > 1:
+        name += f"_{c.ep:03d}"
+    if dims.etp != dims.tp:
+        name += f"_etp{c.etp:02d}"
+    return name
+
+
+def is_shard_writer(dims: ParallelDims, rank: int) -> bool:
+    """Whether ``rank`` is the lowest rank holding its shard set."""
+    key = _shard_key(dims, rank)
+    return all(_shard_key(dims, r) != key for r in range(rank))
+
+
+def rng_state() -> dict[str, Any]:
+    """Python, numpy, torch (and CUDA) generator states, as types ``weights_only`` loading accepts."""
+    kind, keys, pos, has_gauss, gauss = np.random.get_state()
+    state = {
+        "python": random.getstate(),
+        "torch": torch.get_rng_state(),
+        "numpy": {
+            "kind": kind,
+            "keys": torch.from_numpy(keys.astype(np.int64)),
+            "pos": pos,
+            "has_gauss": has_gauss,
+            "gauss": gauss,
+        },
+    }
+    if torch.cuda.is_available() and torch.cuda.is_initialized():
+        state["cuda"] = torch.cuda.get_rng_state_all()
+    return state
+
+
+def set_rng_state(state: dict[str, Any]) -> None:
+    """Restore ``rng_state()``."""
+    random.setstate(_as_tuple(state["python"]))
+    torch.set_rng_state(state["torch"])
+    n = state["numpy"]
+    keys = n["keys"].numpy().astype(np.uint32)
+    np.random.set_state((n["kind"], keys, n["pos"], n["has_gauss"], n["gauss"]))
+    if "cuda" in state and torch.cuda.is_available():
+        torch.cuda.set_rng_state_all(state["cuda"])
+
+
+def _as_tuple(x: Any) -> Any:
+    return tuple(_as_tuple(v) for v in x) if isinstance(x, (list, tuple)) else x
+
+
+def _atomic_save(obj: Any, path: Path) -> None:
+    """torch.save to ``path.tmp``, fsync, rename: a reader never sees half a file."""
+    tmp = path.with_name(path.name + ".tmp")
+    with open(tmp, "wb") as f:
+        torch.save(obj, f)
+        f.flush()
+        os.fsync(f.fileno())
+    os.replace(tmp, path)
+
+
+def _atomic_write_text(path: Path, text: str) -> None:
+    tmp = path.with_name(path.name + ".tmp")
+    with open(tmp, "w") as f:
+        f.write(text)
+        f.flush()
+        os.fsync(f.fileno())
+    os.replace(tmp, path)
+    _fsync_dir(path.parent)
+
+
+def _fsync_dir(path: Path) -> None:
+    fd = os.open(path, os.O_RDONLY)
+    try:
+        os.fsync(fd)
+    finally:
+        os.close(fd)
+
+
+def save(
+    root: str | Path,
+    iteration: int,
+    model: nn.Module,
+    optimizer: torch.optim.Optimizer,
+    scheduler,
+    consumed_samples: int,
+    config_yaml: str,
+    dims: ParallelDims,
+    barrier=lambda: None,
+    extra: dict[str, Any] | None = None,
+) -> Path:
+    """Write checkpoint ``iteration`` under ``root``; every rank calls this.
+
+    Args:
+        root: checkpoint directory (``training.save``).
+        iteration: completed iterations.
+        model, optimizer, scheduler: local states to save (``scheduler.state_dict()``).
+        consumed_samples: training samples consumed so far (the data position to resume from).
+        config_yaml: the resolved config, stored for reference.
+        dims: rank grid (decides the shard file name and which ranks write).
+        barrier: synchronises all ranks (a no-op on one process).
+        extra: more picklable-by-weights-only state (loss scaler, consumed validation samples, ...).
+
+    Returns:
+        The final ``iter_N`` directory.
+    """
+    root, rank = Path(root), dims.rank or 0
+    final = iteration_dir(root, iteration)
+    tmp = final.with_name(final.name + ".tmp")
+    if rank == 0:
+        shutil.rmtree(tmp, ignore_errors=True)  # leftovers of a crash during an earlier save
+        (tmp / "rng").mkdir(parents=True)
+        (tmp / "config.yaml").write_text(config_yaml)
+    barrier()
+    if is_shard_writer(dims, rank):
+        (tmp / shard_name(dims, rank)).mkdir(exist_ok=True)
+        state = {
+            "iteration": iteration,
+            "consumed_samples": consumed_samples,
+            "model": model.state_dict(),
+            "optimizer": optimizer.state_dict(),
+            "scheduler": scheduler.state_dict(),
+            "config": config_yaml,
+            "extra": extra or {},
+        }
+        _atomic_save(state, tmp / shard_name(dims, rank) / MODEL_FILE)
+    _atomic_save(rng_state(), tmp / "rng" / f"rank_{rank:05d}.pt")
+    barrier()
+    if rank == 0:
+        if final.exists():  # re-saving an iteration: keep the old one until the new one is in place
+            old = final.with_name(final.name + ".old")
+            shutil.rmtree(old, ignore_errors=True)
+            os.rename(final, old)
+            os.rename(tmp, final)
+            shutil.rmtree(old)
+        else:
+            os.rename(tmp, final)
+        _fsync_dir(root)
+        _atomic_write_text(root / TRACKER, f"{iteration}\n")  # last: the checkpoint is complete
+    barrier()
+    return final
+
+
+def latest_iteration(root: str | Path) -> int | None:
+    """Iteration named by the tracker file, None when there is no tracker; CheckpointError if unreadable."""
+    tracker = Path(root) / TRACKER
+    if not tracker.is_file():
+        return None
+    text = tracker.read_text().strip()
+    try:
+        return int(text)
+    except ValueError:
+        raise CheckpointError(
+            f"checkpoint tracker {tracker} is corrupt: {text[:40]!r} is not an iteration"
+        ) from None
+
+
+def _read(path: Path) -> dict[str, Any]:
+    if not path.is_file():
+        raise CheckpointError(f"checkpoint file {path} is missing")
+    try:
+        return torch.load(path, map_location="cpu", weights_only=True)
+    except Exception as exc:  # noqa: BLE001 - any failure to unpickle means a bad file
+        reason = str(exc).strip().splitlines()[0] if str(exc).strip() else type(exc).__name__
+        raise CheckpointError(f"checkpoint file {path} is corrupt or unreadable: {reason}") from None
+
+
+def load(
+    root: str | Path,
+    model: nn.Module,
+    optimizer: torch.optim.Optimizer | None,
+    scheduler,
+    dims: ParallelDims,
+    iteration: int | None = None,
+) -> dict[str, Any] | None:
+    """Restore the latest (or the given) checkpoint into the local objects; every rank calls this.
+
+    Returns:
+        ``{"iteration", "consumed_samples", "extra"}``, or None when ``root`` has no tracker file
+        and no iteration was asked for (nothing to resume).
+
+    Raises:
+        CheckpointError: a named file is missing, corrupt, or does not match the model.
+    """
+    if iteration is None:
+        iteration = latest_iteration(root)
+        if iteration is None:
+            return None
+    rank = dims.rank or 0
+    path = iteration_dir(root, iteration) / shard_name(dims, rank) / MODEL_FILE
+    state = _read(path)
+    try:
+        model.load_state_dict(state["model"], strict=True)
+        if optimizer is not None:
+            optimizer.load_state_dict(state["optimizer"])
+        if scheduler is not None:
+            scheduler.load_state_dict(state["scheduler"])
+    except (KeyError, RuntimeError, ValueError) as exc:
+        reason = str(exc).strip().splitlines()[0]
+        raise CheckpointError(f"checkpoint file {path} does not fit this run: {reason}") from None
+    rng_path = iteration_dir(root, iteration) / "rng" / f"rank_{rank:05d}.pt"
+    if rng_path.is_file():  # absent when resuming on another world size: keep the fresh seeds
+        set_rng_state(_read(rng_path))
+    return {
+        "iteration": int(state["iteration"]),
+        "consumed_samples": int(state["consumed_samples"]),
+        "extra": state.get("extra", {}),
+    }

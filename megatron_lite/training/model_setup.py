@@ -1,0 +1,132 @@
+"""The model side of training: build the local model, recompute, masked loss, grad reduce, norm groups.
+
+Every place where tensor/expert/data parallelism changes what happens is a function here; on one
+process each one reduces to plain PyTorch. The model is always built on ``meta`` and only local
+shards are materialised by ``materialize_local``, whose initial values depend on the canonical name
+and global rows only: a run starts from the same weights whatever its (tp, ep, dp) layout.
+"""
+
+from __future__ import annotations
+
+import functools
+
+import torch
+import torch.nn.functional as F
+from torch import nn
+from torch.utils.checkpoint import checkpoint
+
+from megatron_lite.config import Config
+from megatron_lite.models import build_model
+from megatron_lite.models.common.transformer import Transformer, TransformerBlock
+from megatron_lite.parallel.parallelize import materialize_local, parallelize
+from megatron_lite.parallel.sharding import replicated_rows, shard_spec_for
+from megatron_lite.training.optimizer import NormGroup
+from megatron_lite.training.runtime import Runtime
+
+
+def build_local_model(cfg: Config, runtime: Runtime) -> Transformer:
+    """This rank's fp32 model, initialised from ``training.seed``, with recompute applied.
+
+    Several processes: parallelized (modules swapped for tensor/expert-parallel ones) before the
+    local shards are allocated. One process: the plain model, same initial values.
+    """
+    model = build_model(cfg.model, "meta", dtype=torch.float32)
+    if runtime.distributed:
+        model = parallelize(model, runtime.dims, cfg.parallel)
+    materialize_local(model, runtime.dims, cfg.training.seed, device=runtime.device)
+    model.attention_backend = cfg.training.attention_backend
+    apply_recompute(model, cfg.training.recompute)
+    return model
+
+
+def apply_recompute(model: nn.Module, mode: str) -> None:
+    """``full``: re-run each ``TransformerBlock``'s forward during backward instead of storing activations.
+
+    The block's ``forward`` is replaced on the instance (not wrapped in a new module), so parameter
+    names, and therefore checkpoints, are unchanged. Non-reentrant checkpointing is used because it
+    supports keyword arguments and inputs that do not require grad, and replays the MoE aux-loss
+    attachment correctly.
+    """
+    if mode == "none":
+        return
+    if mode != "full":
+        raise ValueError(f"recompute mode {mode!r} is not supported (none, full)")
+    for module in model.modules():
+        if isinstance(module, TransformerBlock) and not getattr(module, "_recompute", False):
+            module.forward = functools.partial(_checkpointed, module.forward)
+            module._recompute = True
+
+
+def _checkpointed(forward, *args, **kwargs):
+    return checkpoint(forward, *args, use_reentrant=False, **kwargs)
+
+
+def masked_loss_sum(
+    logits: torch.Tensor, labels: torch.Tensor, loss_mask: torch.Tensor, model: nn.Module
+) -> torch.Tensor:
+    """``sum(token cross entropy * loss_mask)`` in fp32 (a scalar with graph).
+
+    A parallelized model has vocab-sharded (and padded) logits; the vocab-parallel cross entropy
+    computes the same values without gathering them.
+    """
+    state = getattr(model, "parallel_state", None)
+    if state is not None:
+        from megatron_lite.parallel.cross_entropy import loss_fn
+
+        return loss_fn(logits, labels, loss_mask, state.dims, state.model_cfg.vocab_size, num_tokens=1.0)
+    b, s, v = logits.shape
+    losses = F.cross_entropy(logits.float().reshape(b * s, v), labels.reshape(b * s), reduction="none")
+    return (losses.view(b, s) * loss_mask.to(losses.dtype)).sum()
+
+
+def reduce_gradients(model: nn.Module, runtime: Runtime) -> None:
+    """SUM gradients over data-parallel replicas (and tp-partial ones over tp); no-op on one process."""
+    if runtime.distributed:
+        from megatron_lite.parallel.grads import allreduce_gradients
+
+        allreduce_gradients(model, runtime.dims)
+
+
+def grad_norm_groups(model: nn.Module, runtime: Runtime) -> list[NormGroup]:
+    """Parameters grouped by the ranks over which their squared gradient norms are summed.
+
+    Runs on reduced gradients, which are identical across data-parallel replicas, so dense
+    parameters sum over the model-parallel group (tp x pp) and expert parameters over the expert
+    model-parallel group (etp x ep). A parameter replicated over tensor-parallel ranks counts on
+    tensor rank 0 only; KV rows replicated over ``tp / num_kv_heads`` ranks count with weight
+    ``1 / replicas`` on each. (Pipeline parallel will need an expert group spanning stages.)
+    """
+    params = [p for p in model.parameters() if p.requires_grad]
+    state = getattr(model, "parallel_state", None)
+    if state is None:
+        return [NormGroup(params, None)]
+    dims, coords = runtime.dims, runtime.dims.local
+    dense = NormGroup(all_reduce=_reducer(dims.group("mp")))
+    expert = NormGroup(all_reduce=_reducer(dims.group("etp_ep")))
+    for name, param in model.named_parameters():
+        if not param.requires_grad:
+            continue
+        spec = shard_spec_for(name, state.model_cfg)
+        group = expert if spec.is_expert else dense
+        if not spec.axes and coords.tp != 0 and not spec.is_expert:
+            continue  # replicated over tp: tp rank 0 counts it
+        group.params.append(param)
+        shared = replicated_rows(spec, coords)
+        if shared is not None:
+            pieces, _units = shared
+            weights = torch.ones(param.shape[0], device=param.device)
+            replicas = coords.size("tp") // _units
+            for start, end, _unit in pieces:
+                weights[start:end] = 1.0 / replicas
+            group.row_weights[id(param)] = weights
+    return [dense, expert]
+
+
+def _reducer(group):
+    import torch.distributed as dist
+
+    def all_reduce(t: torch.Tensor) -> None:
+        if group is not None:
+            dist.all_reduce(t, group=group)
+
+    return all_reduce

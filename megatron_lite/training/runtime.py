@@ -1,0 +1,189 @@
+"""Where a run executes: checks that need the world size, device, precision, process groups, seeds.
+
+Precision: parameters, gradients and optimizer states stay fp32 ("master weights") and the
+forward/backward runs under ``torch.autocast`` with bf16 (or fp16 + loss scaling). We chose this
+over bf16 parameters with a separate fp32 main copy because there is no second copy of the weights
+to keep in sync (16 bytes/param: 4 param + 4 grad + 8 Adam, versus 18 for Megatron's bf16 params +
+fp32 grad buffer + fp32 main params), checkpoints hold exact fp32 values, gradients accumulate over
+microbatches in fp32, and torch's fused AdamW steps the parameters directly. The cost: autocast
+casts each weight to bf16 once per microbatch forward (a transient bf16 copy, kept for backward),
+a few percent of step time at the sizes this framework targets.
+
+Everything parallel goes through the ``ParallelDims`` object (a world of one on one process, where it
+creates no process groups); there is no module-level state.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import os
+import random
+from dataclasses import dataclass
+
+import numpy as np
+import torch
+import torch.distributed as dist
+
+from megatron_lite.config import Config, ConfigError
+from megatron_lite.models.common.attention_backends import flash_attn_available
+from megatron_lite.parallel.dims import ParallelDims, validate_layout
+from megatron_lite.training.logging import check_backends
+
+DTYPES = {"fp32": torch.float32, "bf16": torch.bfloat16, "fp16": torch.float16}
+
+
+def env_world_size() -> int:
+    """World size announced by torchrun (1 when launched plainly)."""
+    return int(os.environ.get("WORLD_SIZE", "1"))
+
+
+def resolve_device(name: str) -> torch.device:
+    """``auto``: cuda if available else cpu; under torchrun cuda picks ``LOCAL_RANK``."""
+    if name == "auto":
+        name = "cuda" if torch.cuda.is_available() else "cpu"
+    if name == "cuda":
+        return torch.device("cuda", int(os.environ.get("LOCAL_RANK", "0")))
+    return torch.device(name)
+
+
+def resolve_precision(name: str, device: torch.device) -> str:
+    """``auto``: bf16 on GPU, fp32 on CPU."""
+    if name == "auto":
+        return "bf16" if device.type == "cuda" else "fp32"
+    return name
+
+
+def check_run_config(cfg: Config, world_size: int) -> int:
+    """Checks that need the world size or the machine; raises ConfigError. Returns the DP size.
+
+    Runs before any process group or tensor exists. Fills ``training.global_batch_size`` when unset.
+    """
+    par, tr = cfg.parallel, cfg.training
+    if par.pipeline > 1:
+        raise ConfigError(
+            f"parallel.pipeline ({par.pipeline}) > 1 is not supported by the trainer yet; "
+            "use tensor/expert/data parallelism"
+        )
+    if world_size % (par.tensor * par.pipeline):
+        raise ConfigError(
+            f"world size ({world_size}) is not divisible by parallel.tensor ({par.tensor}) "
+            f"* parallel.pipeline ({par.pipeline})"
+        )
+    dp = validate_layout(cfg.model, par, world_size, cfg.data.seq_length).dp
+    if tr.global_batch_size is None:
+        tr.global_batch_size = tr.micro_batch_size * dp
+    if tr.global_batch_size % (tr.micro_batch_size * dp):
+        raise ConfigError(
+            f"training.global_batch_size ({tr.global_batch_size}) is not divisible by "
+            f"training.micro_batch_size ({tr.micro_batch_size}) * data-parallel size ({dp})"
+        )
+    if tr.recompute == "selective":
+        raise ConfigError("training.recompute 'selective' is not implemented yet; use 'full' or 'none'")
+    if tr.device == "cuda" and not torch.cuda.is_available():
+        raise ConfigError("training.device is 'cuda' but no CUDA device is available")
+    _check_attention(cfg)
+    opt = cfg.optimizer
+    decay = opt.lr_decay_iters if opt.lr_decay_iters is not None else tr.train_iters
+    if opt.lr_decay_style != "constant" and decay <= opt.lr_warmup_iters:
+        raise ConfigError(
+            f"optimizer.lr_decay_iters ({decay}) must exceed optimizer.lr_warmup_iters "
+            f"({opt.lr_warmup_iters})"
+        )
+    check_backends(cfg.logging)
+    return dp
+
+
+def _check_attention(cfg: Config) -> None:
+    """A requested attention backend must be able to run this model on this machine."""
+    backend = cfg.training.attention_backend
+    on_cuda = resolve_device(cfg.training.device).type == "cuda"
+    if backend in ("flash", "flex") and not on_cuda:
+        raise ConfigError(f"training.attention_backend {backend!r} needs a CUDA device; use 'auto' on CPU")
+    if backend == "flash" and not flash_attn_available():
+        raise ConfigError(
+            "training.attention_backend 'flash' needs the 'flash-attn' package (pip install flash-attn)"
+        )
+    window = cfg.model.sliding_window
+    if backend == "sdpa" and (cfg.data.reset_attention_mask or (window and window < cfg.data.seq_length)):
+        raise ConfigError(
+            "training.attention_backend 'sdpa' serves plain causal attention only: not with "
+            "data.reset_attention_mask or a model.sliding_window below data.seq_length"
+        )
+
+
+@dataclass
+class Runtime:
+    """Device, precision and process layout of this rank."""
+
+    device: torch.device
+    precision: str
+    dims: ParallelDims
+    distributed: bool = False
+
+    @property
+    def rank(self) -> int:
+        """Global rank."""
+        return self.dims.rank or 0
+
+    @property
+    def world_size(self) -> int:
+        """Number of processes."""
+        return self.dims.world_size
+
+    @property
+    def is_logging_rank(self) -> bool:
+        """The last rank prints (it holds the loss once pipeline stages exist, as in Megatron)."""
+        return self.rank == self.world_size - 1
+
+    def autocast(self) -> contextlib.AbstractContextManager:
+        """Mixed-precision context for forward passes (a no-op in fp32)."""
+        if self.precision == "fp32":
+            return contextlib.nullcontext()
+        return torch.autocast(self.device.type, dtype=DTYPES[self.precision])
+
+    def all_reduce_dp(self, t: torch.Tensor) -> torch.Tensor:
+        """Sum ``t`` in place over the data-parallel group (identity on one process)."""
+        if self.distributed and self.dims.dp > 1:
+            dist.all_reduce(t, group=self.dims.group("dp"))
+        return t
+
+    def barrier(self) -> None:
+        """Wait for every rank (no-op on one process)."""
+        if self.distributed:
+            dist.barrier()
+
+
+def init_runtime(cfg: Config) -> Runtime:
+    """Pick the device, start the process group under torchrun, build the rank grid, seed RNGs."""
+    device = resolve_device(cfg.training.device)
+    precision = resolve_precision(cfg.training.precision, device)
+    world_size = env_world_size()
+    distributed = world_size > 1
+    if distributed and not dist.is_initialized():
+        if device.type == "cuda":
+            torch.cuda.set_device(device)
+        dist.init_process_group("nccl" if device.type == "cuda" else "gloo")
+    dims = ParallelDims.from_config(cfg.parallel, world_size)
+    dims.create_groups()  # a world of one creates no groups
+    runtime = Runtime(device, precision, dims, distributed=distributed)
+    set_seeds(cfg.training.seed, dims)
+    return runtime
+
+
+def shutdown(runtime: Runtime) -> None:
+    """Tear down the process group started by ``init_runtime``."""
+    if runtime.distributed and dist.is_initialized():
+        dist.destroy_process_group()
+
+
+def set_seeds(seed: int, dims: ParallelDims) -> None:
+    """Seed python, numpy and torch per rank, deterministically.
+
+    Megatron offsets the seed by ``100 * pipeline rank`` so stages differ while tensor/data
+    replicas agree; we keep that rule. Weight init does not use these generators (it is seeded
+    by name in ``init_weights``/``materialize_local``), so replicas start identical regardless.
+    """
+    rank_seed = seed + 100 * dims.local.pp
+    random.seed(rank_seed)
+    np.random.seed(rank_seed % 2**32)
+    torch.manual_seed(rank_seed)  # also seeds every CUDA device

@@ -1,0 +1,100 @@
+"""Assemble a ``Trainer`` from a config: model, optimizer, schedule, resume, data streams, writers."""
+
+from __future__ import annotations
+
+from collections.abc import Callable
+from pathlib import Path
+
+from megatron_lite.config import Config
+from megatron_lite.training import checkpoint, metrics
+from megatron_lite.training.data import BatchStream, build_datasets
+from megatron_lite.training.logging import MetricWriters
+from megatron_lite.training.lr_schedule import build_scheduler
+from megatron_lite.training.model_setup import build_local_model
+from megatron_lite.training.optimizer import DynamicLossScaler, build_optimizer
+from megatron_lite.training.runtime import Runtime
+from megatron_lite.training.trainer import Trainer
+
+
+def num_microbatches(cfg: Config, dp: int) -> int:
+    """Microbatches per rank per iteration: ``global_batch_size / (micro_batch_size * dp)``."""
+    return cfg.training.global_batch_size // (cfg.training.micro_batch_size * dp)
+
+
+def setup_training(cfg: Config, runtime: Runtime, log: Callable[[str], None] = print) -> Trainer:
+    """Build everything a run needs on this rank, resuming from ``training.load`` when it has a checkpoint.
+
+    Args:
+        cfg: config that passed ``check_run_config`` (global batch size resolved).
+        runtime: from ``init_runtime``.
+        log: line sink (only the logging rank's lines are shown).
+
+    Raises:
+        CheckpointError: ``training.load`` names a missing or unreadable checkpoint.
+    """
+    say = log if runtime.is_logging_rank else (lambda _line: None)
+    model = build_local_model(cfg, runtime)
+    optimizer = build_optimizer(model, cfg.optimizer)
+    scheduler = build_scheduler(optimizer, cfg.optimizer, cfg.training.train_iters)
+    scaler = DynamicLossScaler(runtime.precision == "fp16")
+    iteration, consumed, consumed_valid = 0, 0, 0
+    if cfg.training.load:
+        state = _resume(cfg, model, optimizer, scheduler, runtime, say)
+        if state is not None:
+            iteration, consumed = state["iteration"], state["consumed_samples"]
+            consumed_valid = int(state["extra"].get("consumed_valid_samples", 0))
+            if "scaler" in state["extra"]:
+                scaler.load_state_dict(state["extra"]["scaler"])
+    train, valid, _test, eod = build_datasets(cfg)
+    dims, mbs = runtime.dims, cfg.training.micro_batch_size
+    m = num_microbatches(cfg, dims.dp)
+    stream = BatchStream(train, consumed, mbs, m, dims.local.dp, dims.dp, cfg.data, eod, runtime.device)
+    valid_stream = None
+    if cfg.training.eval_interval and valid is not None and len(valid) > 0:
+        valid_stream = BatchStream(
+            valid, consumed_valid, mbs, m, dims.local.dp, dims.dp, cfg.data, eod, runtime.device
+        )
+    writers = MetricWriters(cfg.logging, enabled=runtime.is_logging_rank, run_config=cfg.to_dict())
+    local_params = sum(p.numel() for p in model.parameters())
+    say(
+        f" > model: {cfg.model.arch}, {metrics.total_params(cfg.model):,} parameters "
+        f"({local_params:,} on this rank), {metrics.flops_per_token(cfg.model, cfg.data.seq_length):.4g} "
+        "FLOPs/token"
+    )
+    say(
+        f" > {dims!r}, device {runtime.device}, precision {runtime.precision}, "
+        f"{m} microbatch(es) of {mbs} per rank, global batch {cfg.training.global_batch_size}"
+    )
+    return Trainer(
+        cfg,
+        runtime,
+        model,
+        optimizer,
+        scheduler,
+        stream,
+        valid_stream,
+        iteration=iteration,
+        scaler=scaler,
+        writers=writers,
+        log=log,
+    )
+
+
+def _resume(cfg: Config, model, optimizer, scheduler, runtime: Runtime, say) -> dict | None:
+    """Load the latest checkpoint of ``training.load``.
+
+    A load directory without a tracker file is an error, except when it is also the save
+    directory (the usual auto-resume setup: the first launch finds nothing and starts fresh).
+    """
+    load = Path(cfg.training.load)
+    if checkpoint.latest_iteration(load) is None:
+        if cfg.training.save and Path(cfg.training.save).resolve() == load.resolve():
+            say(f" > no checkpoint in {load} yet, starting from scratch")
+            return None
+        raise checkpoint.CheckpointError(f"checkpoint tracker {load / checkpoint.TRACKER} is missing")
+    state = checkpoint.load(load, model, optimizer, scheduler, runtime.dims)
+    say(
+        f" > resumed from {load} at iteration {state['iteration']} "
+        f"({state['consumed_samples']} samples consumed)"
+    )
+    return state

@@ -1,0 +1,314 @@
+"""The training loop: microbatch accumulation, clipping, optimizer step, eval, logging, checkpoints.
+
+Loss normalisation (what one iteration minimises): the mean token loss over every loss-mask token
+of the global batch, across all microbatches and data-parallel ranks,
+
+    L = sum_{all tokens t of the global batch} mask_t * loss_t / N,   N = sum mask_t (all-reduced over DP)
+
+as Megatron-core does with per-token loss. Microbatch ``m`` on a rank back-propagates
+``sum_{t in m} mask_t * loss_t / N`` and the data-parallel reduce SUMS gradients. Since ``N`` is
+known before the first backward, the accumulated gradient equals that of one big batch exactly,
+whatever the microbatch split, the data-parallel size or the number of masked tokens per
+microbatch (a per-microbatch mean would weight tokens of sparse microbatches more).
+
+MoE auxiliary losses: the routing statistics of microbatch ``j`` are summed over all ranks of the
+stage (``parallelize`` installs that reduce), so each aux loss describes the union of the DP
+ranks' ``j``-th microbatches and every rank back-propagates its own tokens' share. A weight of
+``1 / num_microbatches`` then makes the objective hold the mean aux loss over those ``M`` joint
+microbatches, exactly as one process with micro-batch ``mbs * dp`` would.
+"""
+
+from __future__ import annotations
+
+import math
+import time
+from collections.abc import Callable
+from dataclasses import dataclass, field
+
+import torch
+import yaml
+from torch import nn
+
+from megatron_lite.config import Config
+from megatron_lite.training import checkpoint, metrics
+from megatron_lite.training.logging import (
+    MetricWriters,
+    TrainLogStats,
+    format_train_line,
+    format_validation_lines,
+)
+from megatron_lite.training.lr_schedule import LRScheduler
+from megatron_lite.training.model_setup import grad_norm_groups, masked_loss_sum, reduce_gradients
+from megatron_lite.training.optimizer import DynamicLossScaler, clip_grads
+from megatron_lite.training.runtime import Runtime
+
+
+def microbatch_loss_sum(model: nn.Module, batch, runtime: Runtime) -> torch.Tensor:
+    """Forward one microbatch; return ``sum(token_loss * loss_mask)`` as an fp32 scalar (with graph)."""
+    with runtime.autocast():
+        logits = model(
+            batch.tokens,
+            position_ids=batch.position_ids,
+            cu_seqlens=batch.cu_seqlens,
+            max_seqlen=batch.max_seqlen,
+        )
+    return masked_loss_sum(logits, batch.labels, batch.loss_mask, model)
+
+
+def forward_backward(
+    model: nn.Module, microbatches: list, runtime: Runtime, loss_weight: float, grad_scale: float = 1.0
+) -> torch.Tensor:
+    """Accumulate gradients of ``loss_weight * sum_m loss_sum_m`` (times ``grad_scale`` for fp16).
+
+    MoE layers get ``aux_loss_scale = grad_scale / num_microbatches``.
+
+    Returns:
+        Detached fp32 ``[3]``: the microbatches' summed masked token losses, and the load-balancing
+        and z losses averaged over MoE layers and microbatches (zeros for a dense model).
+    """
+    moe = model.moe_layers() if hasattr(model, "moe_layers") else []
+    for layer in moe:
+        layer.aux_loss_scale = grad_scale / len(microbatches)
+    totals = torch.zeros(3, dtype=torch.float32, device=runtime.device)
+    for batch in microbatches:
+        loss_sum = microbatch_loss_sum(model, batch, runtime)
+        (loss_sum * (loss_weight * grad_scale)).backward()
+        totals[0] += loss_sum.detach()
+        stats = [(m.last_aux_loss, m.last_z_loss) for m in moe if m.last_aux_loss is not None]
+        if stats:
+            totals[1] += torch.stack([a.float() for a, _ in stats]).mean() / len(microbatches)
+            totals[2] += torch.stack([z.float() for _, z in stats]).mean() / len(microbatches)
+    return totals
+
+
+@dataclass
+class StepResult:
+    """What one iteration produced (floats on every rank, after the DP reduction)."""
+
+    loss: float
+    grad_norm: float
+    lr: float
+    skipped: bool
+    num_tokens: int
+    aux_loss: float | None = None
+    z_loss: float | None = None
+
+
+@dataclass
+class _Interval:
+    """Sums over the current logging interval."""
+
+    iters: int = 0
+    loss: float = 0.0
+    aux: float = 0.0
+    z: float = 0.0
+    grad_norm: float = 0.0
+    skipped: int = 0
+    nan: int = 0
+    start: float = field(default_factory=time.perf_counter)
+
+
+class Trainer:
+    """Runs ``training.train_iters`` iterations from ``iteration`` on.
+
+    Args:
+        cfg: validated config with ``training.global_batch_size`` resolved.
+        runtime: device/precision/rank layout.
+        model, optimizer, scheduler: the local training state.
+        train_stream, valid_stream: ``BatchStream``s (``valid_stream`` may be None).
+        iteration: completed iterations (non-zero after resume).
+        scaler: fp16 loss scaler (disabled otherwise).
+        writers: TensorBoard/wandb writers.
+        log: where lines go (print on the logging rank).
+    """
+
+    def __init__(
+        self,
+        cfg: Config,
+        runtime: Runtime,
+        model: nn.Module,
+        optimizer: torch.optim.Optimizer,
+        scheduler: LRScheduler,
+        train_stream,
+        valid_stream=None,
+        iteration: int = 0,
+        scaler: DynamicLossScaler | None = None,
+        writers: MetricWriters | None = None,
+        log: Callable[[str], None] = print,
+    ):
+        self.cfg, self.runtime, self.model = cfg, runtime, model
+        self.optimizer, self.scheduler = optimizer, scheduler
+        self.train_stream, self.valid_stream = train_stream, valid_stream
+        self.iteration = iteration
+        self.scaler = scaler or DynamicLossScaler(runtime.precision == "fp16")
+        self.writers = writers or MetricWriters(cfg.logging, enabled=False)
+        self._log = log if runtime.is_logging_rank else (lambda _line: None)
+        self.params = [p for p in model.parameters() if p.requires_grad]
+        self.norm_groups = grad_norm_groups(model, runtime)
+        self.flops_per_token = metrics.flops_per_token(cfg.model, cfg.data.seq_length)
+        self.peak = metrics.device_peak_tflops(runtime.device, cfg.logging.peak_tflops)
+        self.is_moe = bool(getattr(model, "moe_layers", list)())
+        self.history: list[StepResult] = []
+
+    # ------------------------------------------------------------------ one iteration
+
+    def train_step(self, microbatches: list) -> StepResult:
+        """Forward/backward all microbatches, reduce, clip, step (or skip on a non-finite norm)."""
+        rt = self.runtime
+        self.optimizer.zero_grad(set_to_none=True)
+        num_tokens = sum(b.loss_mask.sum() for b in microbatches).to(torch.float32).reshape(1)
+        num_tokens = float(rt.all_reduce_dp(num_tokens))
+        loss_weight = 1.0 / max(num_tokens, 1.0)
+        loss_sum = forward_backward(self.model, microbatches, rt, loss_weight, self.scaler.scale)
+        reduce_gradients(self.model, rt)
+        self.scaler.unscale_(self.params)
+        grad_norm = clip_grads(self.norm_groups, self.cfg.optimizer.clip_grad, rt.device, self.params)
+        lr = self.scheduler.lr
+        skipped = not math.isfinite(grad_norm)
+        if skipped:
+            self.optimizer.zero_grad(set_to_none=True)
+        else:
+            self.optimizer.step()
+            self.scheduler.step()  # as Megatron: a skipped step does not advance the schedule
+        self.scaler.update(skipped)
+        stats = rt.all_reduce_dp(loss_sum) / torch.tensor([1.0, rt.dims.dp, rt.dims.dp], device=rt.device)
+        aux, z = (float(stats[1]), float(stats[2])) if self.is_moe else (None, None)
+        return StepResult(
+            float(stats[0]) / max(num_tokens, 1.0), grad_norm, lr, skipped, int(num_tokens), aux, z
+        )
+
+    # ------------------------------------------------------------------ evaluation
+
+    @torch.no_grad()
+    def evaluate(self) -> float | None:
+        """Token-mean loss over ``training.eval_iters`` global batches of the validation stream."""
+        if self.valid_stream is None:
+            return None
+        self.model.eval()
+        sums = torch.zeros(2, device=self.runtime.device)
+        for _ in range(self.cfg.training.eval_iters):
+            for batch in self.valid_stream.next():
+                sums[0] += microbatch_loss_sum(self.model, batch, self.runtime)
+                sums[1] += batch.loss_mask.sum()
+        self.model.train()
+        sums = self.runtime.all_reduce_dp(sums)
+        return float(sums[0] / sums[1].clamp(min=1))
+
+    def _validate(self) -> None:
+        loss = self.evaluate()
+        if loss is None:
+            return
+        for line in format_validation_lines(self.iteration, {"lm loss": loss}):
+            self._log(line)
+        self.writers.scalars({"lm-loss-validation/lm loss": loss}, self.iteration)
+
+    # ------------------------------------------------------------------ the loop
+
+    def train(self) -> list[StepResult]:
+        """Train until ``train_iters`` (or ``exit_interval``); returns this call's per-iteration results."""
+        tr = self.cfg.training
+        interval = _Interval()
+        first, saved_at = self.iteration, self.iteration
+        while self.iteration < tr.train_iters:
+            result = self.train_step(self.train_stream.next())
+            self.iteration += 1
+            self.history.append(result)
+            self._accumulate(interval, result)
+            if self.iteration % self.cfg.logging.log_interval == 0:
+                self._log_interval(interval)
+                interval = _Interval()
+            paused = time.perf_counter()  # evaluation and checkpoints do not count as iteration time
+            if tr.eval_interval and self.iteration % tr.eval_interval == 0:
+                self._validate()
+            if tr.save and tr.save_interval and self.iteration % tr.save_interval == 0:
+                saved_at = self.save()
+            interval.start += time.perf_counter() - paused
+            if tr.exit_interval and self.iteration % tr.exit_interval == 0:
+                self._log(f"exiting after iteration {self.iteration} (training.exit_interval)")
+                break
+        if tr.save and saved_at != self.iteration and self.iteration > first:
+            self.save()
+        return self.history
+
+    def _accumulate(self, it: _Interval, r: StepResult) -> None:
+        it.iters += 1
+        if r.skipped:
+            it.skipped += 1
+            it.nan += int(not math.isfinite(r.loss))
+            return
+        it.loss += r.loss
+        it.grad_norm += r.grad_norm
+        it.aux += r.aux_loss or 0.0
+        it.z += r.z_loss or 0.0
+
+    def _log_interval(self, it: _Interval) -> None:
+        if self.runtime.device.type == "cuda":
+            torch.cuda.synchronize(self.runtime.device)
+        seconds = (time.perf_counter() - it.start) / max(it.iters, 1)
+        good = max(it.iters - it.skipped, 1)
+        gbs, seq = self.cfg.training.global_batch_size, self.cfg.data.seq_length
+        tok_s, tflops, mfu = metrics.throughput(
+            gbs * seq, seconds, self.runtime.world_size, self.flops_per_token, self.peak
+        )
+        consumed = self.train_stream.consumed_samples
+        moe = self.is_moe
+        stats = TrainLogStats(
+            iteration=self.iteration,
+            train_iters=self.cfg.training.train_iters,
+            consumed_samples=consumed,
+            consumed_tokens=consumed * seq,
+            ms_per_iter=seconds * 1e3,
+            lr=self.history[-1].lr,
+            global_batch_size=gbs,
+            lm_loss=it.loss / good,
+            grad_norm=it.grad_norm / good,
+            tokens_per_s=tok_s,
+            tflops=tflops,
+            mfu=mfu,
+            mem_gib=metrics.memory_gib(self.runtime.device),
+            skipped_iters=it.skipped,
+            nan_iters=it.nan,
+            load_balancing_loss=it.aux / good if moe else None,
+            z_loss=it.z / good if moe else None,
+            loss_scale=self.scaler.scale if self.scaler.enabled else None,
+        )
+        self._log(format_train_line(stats))
+        self.writers.scalars(
+            {
+                "lm loss": stats.lm_loss,
+                "learning-rate": stats.lr,
+                "grad-norm": stats.grad_norm,
+                "tokens-per-sec-per-gpu": tok_s,
+                "tflops-per-gpu": tflops,
+                "mfu": mfu,
+                "mem-gib": stats.mem_gib,
+                "load-balancing-loss": stats.load_balancing_loss,
+                "z-loss": stats.z_loss,
+            },
+            self.iteration,
+        )
+
+    # ------------------------------------------------------------------ checkpoints
+
+    def save(self) -> int:
+        """Checkpoint the current state into ``training.save``; returns the iteration saved."""
+        valid = self.valid_stream.consumed_samples if self.valid_stream is not None else 0
+        path = checkpoint.save(
+            self.cfg.training.save,
+            self.iteration,
+            self.model,
+            self.optimizer,
+            self.scheduler,
+            self.train_stream.consumed_samples,
+            config_yaml(self.cfg),
+            self.runtime.dims,
+            barrier=self.runtime.barrier,
+            extra={"consumed_valid_samples": valid, "scaler": self.scaler.state_dict()},
+        )
+        self._log(f"saved checkpoint at iteration {self.iteration:7d} to {path}")
+        return self.iteration
+
+
+def config_yaml(cfg: Config) -> str:
+    """The resolved config as YAML text (what ``Config.save`` writes)."""
+    return yaml.safe_dump(cfg.to_dict(), sort_keys=False)

@@ -1,0 +1,115 @@
+"""``python -m megatron_lite.pretrain`` end to end in subprocesses (CPU), and under torchrun with TP."""
+
+from __future__ import annotations
+
+import importlib.util
+import json
+import os
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+import yaml
+from dist_utils import free_port
+from test_training_logging import TRAIN_RE, VALID_RE
+
+REPO = Path(__file__).resolve().parents[1]
+CONFIG = {
+    "model": {
+        "vocab_size": 256,
+        "hidden_size": 64,
+        "intermediate_size": 128,
+        "num_layers": 2,
+        "num_attention_heads": 4,
+        "num_kv_heads": 2,
+        "max_position_embeddings": 64,
+    },
+    "data": {"mock": True, "seq_length": 32},
+    "training": {
+        "micro_batch_size": 2,
+        "global_batch_size": 4,
+        "train_iters": 4,
+        "eval_interval": 2,
+        "eval_iters": 1,
+    },
+    "optimizer": {"lr": 1e-3, "lr_warmup_iters": 1},
+    "logging": {"log_interval": 2},
+}
+
+
+def pretrain(tmp_path: Path, *args: str, nproc: int = 1) -> subprocess.CompletedProcess:
+    config = tmp_path / "config.yaml"
+    config.write_text(yaml.safe_dump(CONFIG))
+    launcher = [sys.executable, "-m", "megatron_lite.pretrain"]
+    if nproc > 1:
+        launcher = [
+            sys.executable,
+            "-m",
+            "torch.distributed.run",
+            "--nproc-per-node",
+            str(nproc),
+            "--master-port",
+            str(free_port()),
+            "-m",
+            "megatron_lite.pretrain",
+        ]
+    env = {**os.environ, "OMP_NUM_THREADS": "1", "PYTHONPATH": str(REPO)}
+    argv = [*launcher, "--config", str(config), "--logging.run_dir", str(tmp_path / "run"), *args]
+    return subprocess.run(argv, cwd=REPO, env=env, capture_output=True, text=True, timeout=300)
+
+
+def test_cli_trains_logs_and_saves(tmp_path):
+    out = pretrain(tmp_path, "--training.save", str(tmp_path / "ckpt"))
+    assert out.returncode == 0, out.stderr
+    lines = [m for m in map(TRAIN_RE.search, out.stdout.splitlines()) if m]
+    assert [int(m["it"]) for m in lines] == [2, 4] and all(int(m["total"]) == 4 for m in lines)
+    assert [int(m["samples"]) for m in lines] == [8, 16] and lines[0]["mfu"] == "n/a"
+    assert all(0 < float(m["loss"]) < 10 for m in lines)
+    assert len([m for m in map(VALID_RE.search, out.stdout.splitlines()) if m]) == 2
+    assert (tmp_path / "run" / "config.yaml").is_file()
+    assert (tmp_path / "ckpt" / "latest_checkpointed_iteration.txt").read_text() == "4\n"
+
+
+def test_cli_config_error(tmp_path):
+    out = pretrain(tmp_path, "--training.global_batch_size", "3")
+    assert out.returncode == 2
+    assert out.stderr.startswith("config error: training.global_batch_size (3)")
+    assert out.stderr.count("\n") == 1 and not (tmp_path / "run").exists()
+
+
+def test_cli_peak_override_reports_mfu(tmp_path):
+    out = pretrain(
+        tmp_path,
+        "--logging.peak_tflops",
+        "0.001",
+        "--training.train_iters",
+        "2",
+        "--training.eval_interval",
+        "none",
+    )
+    assert out.returncode == 0, out.stderr
+    (m,) = [m for m in map(TRAIN_RE.search, out.stdout.splitlines()) if m]
+    assert m["mfu"].endswith("%") and float(m["mfu"][:-1]) > 0
+
+
+@pytest.mark.slow
+def test_torchrun_tensor_parallel(tmp_path):
+    out = pretrain(tmp_path, "--parallel.tensor", "2", "--training.save", str(tmp_path / "ckpt"), nproc=2)
+    assert out.returncode == 0, out.stderr[-3000:]
+    lines = [m for m in map(TRAIN_RE.search, out.stdout.splitlines()) if m]
+    assert [int(m["it"]) for m in lines] == [2, 4]  # printed by the last rank only
+    shards = sorted(p.name for p in (tmp_path / "ckpt" / "iter_0000004").iterdir())
+    assert shards == ["config.yaml", "mp_rank_00", "mp_rank_01", "rng"]
+
+
+def test_bench_train_tiny_smoke(tmp_path):
+    """The GPU benchmark script runs end to end on its tiny CPU config (both models)."""
+    spec = importlib.util.spec_from_file_location("bench_train", REPO / "benchmarks" / "bench_train.py")
+    bench = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(bench)
+    out = tmp_path / "bench.json"
+    assert bench.main(["--tiny", "--warmup", "0", "--iters", "1", "--json", str(out)]) == 0
+    rows = json.loads(out.read_text())["results"]
+    assert [r["model"] for r in rows] == ["megatron_lite", "hf_mistral_sdpa"]
+    assert all(r["tokens_per_s"] > 0 and 0 < r["loss"] < 10 for r in rows)

@@ -1,0 +1,112 @@
+#!/usr/bin/env python
+"""Generate text from a checkpoint.
+
+    python tools/generate.py --load /ckpt/Mistral-7B-v0.1 \\
+        --tokenizer-model /ckpt/Mistral-7B-v0.1/tokenizer.model --prompt "The capital of France is" \\
+        --max-new-tokens 32 [--temperature 0.7 --top-k 50 --top-p 0.9 --seed 0]
+
+``--load`` is a Hugging Face directory (config.json + safetensors). Errors in the input are
+reported as one line, exit status 2.
+"""
+
+from __future__ import annotations
+
+import argparse
+import os
+import sys
+
+import torch
+
+sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
+
+_DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch.float16}
+
+
+def parse_args(argv=None) -> argparse.Namespace:
+    """Command-line options."""
+    p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    p.add_argument("--load", required=True, help="checkpoint directory (Hugging Face format)")
+    p.add_argument(
+        "--tokenizer-model",
+        required=True,
+        help="SentencePiece .model file ('bundled': the Mistral tokenizer in mistral_common)",
+    )
+    p.add_argument(
+        "--tokenizer-type",
+        default="MistralTokenizer",
+        help="MistralTokenizer (adds BOS) or SentencePieceTokenizer (no BOS)",
+    )
+    p.add_argument("--prompt", action="append", required=True, help="prompt text (repeat for several)")
+    p.add_argument("--max-new-tokens", type=int, default=32)
+    p.add_argument("--temperature", type=float, default=0.0, help="0 = greedy")
+    p.add_argument("--top-k", type=int, default=None)
+    p.add_argument("--top-p", type=float, default=None)
+    p.add_argument("--seed", type=int, default=None)
+    p.add_argument("--dtype", choices=sorted(_DTYPES), default="float32")
+    p.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu")
+    return p.parse_args(argv)
+
+
+class _SentencePieceFallback:
+    """Minimal tokenizer when ``megatron_lite.data.tokenizers`` is unavailable."""
+
+    def __init__(self, model_file: str, add_bos: bool):
+        import sentencepiece
+
+        self._sp = sentencepiece.SentencePieceProcessor(model_file=model_file)
+        self.add_bos = add_bos
+        self.eod = self._sp.eos_id() if self._sp.eos_id() >= 0 else None
+
+    def tokenize(self, text: str) -> list[int]:
+        ids = self._sp.encode(text)
+        return [self._sp.bos_id(), *ids] if self.add_bos and self._sp.bos_id() >= 0 else ids
+
+    def detokenize(self, ids) -> str:
+        return self._sp.decode(list(ids))
+
+
+def load_tokenizer(tokenizer_type: str, model_file: str):
+    """The project's tokenizer if available, else SentencePiece directly."""
+    try:
+        from megatron_lite.data.tokenizers import build_tokenizer
+    except ImportError:
+        if not os.path.isfile(model_file):
+            raise FileNotFoundError(f"{model_file}: tokenizer model not found") from None
+        return _SentencePieceFallback(model_file, add_bos=tokenizer_type != "SentencePieceTokenizer")
+    return build_tokenizer(tokenizer_type, model_file)
+
+
+def main(argv=None) -> int:
+    """Load, generate, print each prompt followed by its continuation."""
+    args = parse_args(argv)
+    from megatron_lite.inference import UnsupportedCheckpointError, generate, load_model_for_inference
+    from megatron_lite.models.hf_io import HFCheckpointError
+
+    try:
+        tokenizer = load_tokenizer(args.tokenizer_type, args.tokenizer_model)
+        model = load_model_for_inference(args.load, dtype=_DTYPES[args.dtype], device=args.device)
+    except (HFCheckpointError, UnsupportedCheckpointError, FileNotFoundError, ValueError) as e:
+        print(f"error: {e}", file=sys.stderr)
+        return 2
+    prompts = [tokenizer.tokenize(text) for text in args.prompt]
+    try:
+        outputs = generate(
+            model,
+            prompts,
+            args.max_new_tokens,
+            temperature=args.temperature,
+            top_k=args.top_k,
+            top_p=args.top_p,
+            eos_id=tokenizer.eod,
+            seed=args.seed,
+        )
+    except ValueError as e:
+        print(f"error: {e}", file=sys.stderr)
+        return 2
+    for ids, new in zip(prompts, outputs):
+        print(tokenizer.detokenize(ids + new), flush=True)  # BOS/EOS are dropped by detokenize
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
