@@ -188,6 +188,9 @@ class TrainingConfig:
     save: str | None = None
     save_interval: int | None = None
     load: str | None = None
+    # weights to start from when training.load holds no checkpoint (continued pretraining): a
+    # Hugging Face directory or a training checkpoint of any (tp, pp, ep) layout
+    initial_load: str | None = None
     eval_interval: int | None = None
     eval_iters: int = 10
     exit_interval: int | None = None  # save (if training.save) and stop after iterations divisible by it

@@ -3,6 +3,8 @@
 from __future__ import annotations
 
 import json
+import subprocess
+import sys
 from pathlib import Path
 
 import numpy as np
@@ -54,7 +56,10 @@ def real_data(tmp_path_factory) -> list[str]:
     import sentencepiece as spm
 
     root = tmp_path_factory.mktemp("data")
-    corpus = (REPO / "examples/data/corpus.jsonl").read_text().splitlines()[:300]
+    jsonl = root / "corpus.jsonl"  # the quickstart's corpus generator: real English, no network
+    cmd = [sys.executable, str(REPO / "examples/make_corpus.py"), "--output", str(jsonl), "--max-docs", "300"]
+    subprocess.run(cmd, check=True, capture_output=True)
+    corpus = jsonl.read_text().splitlines()
     texts = [json.loads(line)["text"] for line in corpus]
     spm.SentencePieceTrainer.train(
         sentence_iterator=iter(texts),

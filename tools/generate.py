@@ -5,8 +5,9 @@
         --tokenizer-model /ckpt/Mistral-7B-v0.1/tokenizer.model --prompt "The capital of France is" \\
         --max-new-tokens 32 [--temperature 0.7 --top-k 50 --top-p 0.9 --seed 0]
 
-``--load`` is a Hugging Face directory (config.json + safetensors). Errors in the input are
-reported as one line, exit status 2.
+``--load`` is a Hugging Face directory (config.json + safetensors) or a training checkpoint
+directory (any tp/pp/ep layout; the latest iteration). Errors in the input are reported as one
+line, exit status 2.
 """
 
 from __future__ import annotations
@@ -25,7 +26,7 @@ _DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torc
 def parse_args(argv=None) -> argparse.Namespace:
     """Command-line options."""
     p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
-    p.add_argument("--load", required=True, help="checkpoint directory (Hugging Face format)")
+    p.add_argument("--load", required=True, help="Hugging Face directory or training checkpoint directory")
     p.add_argument(
         "--tokenizer-model",
         required=True,
@@ -47,32 +48,10 @@ def parse_args(argv=None) -> argparse.Namespace:
     return p.parse_args(argv)
 
 
-class _SentencePieceFallback:
-    """Minimal tokenizer when ``megatron_lite.data.tokenizers`` is unavailable."""
-
-    def __init__(self, model_file: str, add_bos: bool):
-        import sentencepiece
-
-        self._sp = sentencepiece.SentencePieceProcessor(model_file=model_file)
-        self.add_bos = add_bos
-        self.eod = self._sp.eos_id() if self._sp.eos_id() >= 0 else None
-
-    def tokenize(self, text: str) -> list[int]:
-        ids = self._sp.encode(text)
-        return [self._sp.bos_id(), *ids] if self.add_bos and self._sp.bos_id() >= 0 else ids
-
-    def detokenize(self, ids) -> str:
-        return self._sp.decode(list(ids))
-
-
 def load_tokenizer(tokenizer_type: str, model_file: str):
-    """The project's tokenizer if available, else SentencePiece directly."""
-    try:
-        from megatron_lite.data.tokenizers import build_tokenizer
-    except ImportError:
-        if not os.path.isfile(model_file):
-            raise FileNotFoundError(f"{model_file}: tokenizer model not found") from None
-        return _SentencePieceFallback(model_file, add_bos=tokenizer_type != "SentencePieceTokenizer")
+    """The tokenizer named on the command line (``bundled``: Mistral's, from mistral_common)."""
+    from megatron_lite.data.tokenizers import build_tokenizer
+
     return build_tokenizer(tokenizer_type, model_file)
 
 
@@ -81,11 +60,18 @@ def main(argv=None) -> int:
     args = parse_args(argv)
     from megatron_lite.inference import UnsupportedCheckpointError, generate, load_model_for_inference
     from megatron_lite.models.hf_io import HFCheckpointError
+    from megatron_lite.training.checkpoint import CheckpointError
 
     try:
         tokenizer = load_tokenizer(args.tokenizer_type, args.tokenizer_model)
         model = load_model_for_inference(args.load, dtype=_DTYPES[args.dtype], device=args.device)
-    except (HFCheckpointError, UnsupportedCheckpointError, FileNotFoundError, ValueError) as e:
+    except (
+        CheckpointError,
+        HFCheckpointError,
+        UnsupportedCheckpointError,
+        FileNotFoundError,
+        ValueError,
+    ) as e:
         print(f"error: {e}", file=sys.stderr)
         return 2
     prompts = [tokenizer.tokenize(text) for text in args.prompt]

@@ -13,17 +13,21 @@ class UnsupportedCheckpointError(ValueError):
 
 
 def checkpoint_kind(path: str | os.PathLike) -> str:
-    """What ``path`` holds: ``"hf"`` (config.json + safetensors); raises for anything else."""
+    """What ``path`` holds: ``"hf"`` (config.json + safetensors) or ``"training"`` (a checkpoint
+    directory written by the trainer, any layout); raises for anything else."""
     from megatron_lite.models.hf_io import CONFIG_FILE, INDEX_FILE, SINGLE_FILE
+    from megatron_lite.training.checkpoint import TRACKER
 
     p = Path(path)
     if not p.is_dir():
         raise UnsupportedCheckpointError(f"{p}: not a directory")
     if (p / CONFIG_FILE).is_file() and ((p / SINGLE_FILE).is_file() or (p / INDEX_FILE).is_file()):
         return "hf"
+    if (p / TRACKER).is_file():
+        return "training"
     raise UnsupportedCheckpointError(
         f"{p}: unsupported checkpoint (expected a Hugging Face directory with {CONFIG_FILE} and "
-        f"{SINGLE_FILE} or {INDEX_FILE}; training checkpoints are not readable here yet)"
+        f"{SINGLE_FILE} or {INDEX_FILE}, or a training checkpoint directory with {TRACKER})"
     )
 
 
@@ -36,4 +40,9 @@ def load_model_for_inference(
         from megatron_lite.models.hf_io import load_hf
 
         model = load_hf(path, dtype=dtype, device=device)
+    else:  # a training checkpoint of any (tp, pp, ep) layout: reassembled to full tensors
+        from megatron_lite.training.convert import model_from_full_state, read_full_state
+
+        cfg, full = read_full_state(path)
+        model = model_from_full_state(cfg.model, full).to(device=device, dtype=dtype)
     return model.eval()

@@ -24,6 +24,7 @@ __all__ = [
     "breadth_first",
     "build_schedule",
     "check_interleaved",
+    "forward_only",
     "gpipe",
     "ideal_bubble_fraction",
     "interleaved_1f1b",
@@ -177,6 +178,19 @@ def breadth_first(pp: int, vpp: int, num_microbatches: int) -> Schedule:
     """
     _check_common("breadth-first", pp, vpp, num_microbatches, needs_vpp1=False)
     return add_communication(_breadth_first_compute(pp, vpp, num_microbatches), vpp)
+
+
+def forward_only(pp: int, vpp: int, num_microbatches: int) -> Schedule:
+    """Forwards only (evaluation): chunk by chunk, all microbatches each, as breadth-first.
+
+    Not a training schedule (no backward, so not in :data:`SCHEDULES`); its sends and receives
+    are placed and checked like every other schedule's, so the executor walks it the same way.
+    """
+    check_pipeline_dims(pp, vpp)
+    if not isinstance(num_microbatches, int) or num_microbatches < 1:
+        raise ValueError(f"num_microbatches ({num_microbatches}) must be a positive integer")
+    order = [F(c, m) for c in range(vpp) for m in range(num_microbatches)]
+    return add_communication([list(order) for _ in range(pp)], vpp)
 
 
 SCHEDULES: dict[str, Callable[..., Schedule]] = {

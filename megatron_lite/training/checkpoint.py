@@ -99,7 +99,7 @@ def _as_tuple(x: Any) -> Any:
     return tuple(_as_tuple(v) for v in x) if isinstance(x, (list, tuple)) else x
 
 
-def _atomic_save(obj: Any, path: Path) -> None:
+def atomic_save(obj: Any, path: Path) -> None:
     """torch.save to ``path.tmp``, fsync, rename: a reader never sees half a file."""
     tmp = path.with_name(path.name + ".tmp")
     with open(tmp, "wb") as f:
@@ -173,22 +173,44 @@ def save(
             "config": config_yaml,
             "extra": extra or {},
         }
-        _atomic_save(state, tmp / shard_name(dims, rank) / MODEL_FILE)
-    _atomic_save(rng_state(), tmp / "rng" / f"rank_{rank:05d}.pt")
+        atomic_save(state, tmp / shard_name(dims, rank) / MODEL_FILE)
+    atomic_save(rng_state(), tmp / "rng" / f"rank_{rank:05d}.pt")
     barrier()
     if rank == 0:
-        if final.exists():  # re-saving an iteration: keep the old one until the new one is in place
-            old = final.with_name(final.name + ".old")
-            shutil.rmtree(old, ignore_errors=True)
-            os.rename(final, old)
-            os.rename(tmp, final)
-            shutil.rmtree(old)
-        else:
-            os.rename(tmp, final)
-        _fsync_dir(root)
-        _atomic_write_text(root / TRACKER, f"{iteration}\n")  # last: the checkpoint is complete
+        publish(tmp, final, root, iteration)
     barrier()
     return final
+
+
+def publish(tmp: Path, final: Path, root: Path, iteration: int) -> None:
+    """Rename the finished ``tmp`` directory to ``final``, then point the tracker at it (last)."""
+    if final.exists():  # re-saving an iteration: keep the old one until the new one is in place
+        old = final.with_name(final.name + ".old")
+        shutil.rmtree(old, ignore_errors=True)
+        os.rename(final, old)
+        os.rename(tmp, final)
+        shutil.rmtree(old)
+    else:
+        os.rename(tmp, final)
+    _fsync_dir(root)
+    _atomic_write_text(root / TRACKER, f"{iteration}\n")  # last: the checkpoint is complete
+
+
+def model_only_state(model_state: dict[str, torch.Tensor], config_yaml: str) -> dict[str, Any]:
+    """A shard file's contents for a weights-only checkpoint (converted, not trained: iteration 0).
+
+    Loading it starts a fresh run from these weights: new optimizer and LR schedule, no data
+    position, like Megatron's release checkpoints.
+    """
+    return {
+        "iteration": 0,
+        "consumed_samples": 0,
+        "model": model_state,
+        "optimizer": None,
+        "scheduler": None,
+        "config": config_yaml,
+        "extra": {"model_only": True},
+    }
 
 
 def latest_iteration(root: str | Path) -> int | None:
@@ -205,7 +227,7 @@ def latest_iteration(root: str | Path) -> int | None:
         ) from None
 
 
-def _read(path: Path) -> dict[str, Any]:
+def read_state(path: Path) -> dict[str, Any]:
     if not path.is_file():
         raise CheckpointError(f"checkpoint file {path} is missing")
     try:
@@ -238,19 +260,19 @@ def load(
             return None
     rank = dims.rank or 0
     path = iteration_dir(root, iteration) / shard_name(dims, rank) / MODEL_FILE
-    state = _read(path)
+    state = read_state(path)
     try:
         model.load_state_dict(state["model"], strict=True)
-        if optimizer is not None:
+        if optimizer is not None and state["optimizer"] is not None:  # None: a model-only checkpoint
             optimizer.load_state_dict(state["optimizer"])
-        if scheduler is not None:
+        if scheduler is not None and state["scheduler"] is not None:
             scheduler.load_state_dict(state["scheduler"])
     except (KeyError, RuntimeError, ValueError) as exc:
         reason = str(exc).strip().splitlines()[0]
         raise CheckpointError(f"checkpoint file {path} does not fit this run: {reason}") from None
     rng_path = iteration_dir(root, iteration) / "rng" / f"rank_{rank:05d}.pt"
     if rng_path.is_file():  # absent when resuming on another world size: keep the fresh seeds
-        set_rng_state(_read(rng_path))
+        set_rng_state(read_state(rng_path))
     return {
         "iteration": int(state["iteration"]),
         "consumed_samples": int(state["consumed_samples"]),

@@ -7,6 +7,7 @@ from pathlib import Path
 
 from megatron_lite.config import Config
 from megatron_lite.training import checkpoint, metrics
+from megatron_lite.training.convert import load_initial_weights
 from megatron_lite.training.data import BatchStream, build_datasets
 from megatron_lite.training.logging import MetricWriters
 from megatron_lite.training.lr_schedule import build_scheduler
@@ -37,7 +38,7 @@ def setup_training(cfg: Config, runtime: Runtime, log: Callable[[str], None] = p
     optimizer = build_optimizer(model, cfg.optimizer)
     scheduler = build_scheduler(optimizer, cfg.optimizer, cfg.training.train_iters)
     scaler = DynamicLossScaler(runtime.precision == "fp16")
-    iteration, consumed, consumed_valid = 0, 0, 0
+    iteration, consumed, consumed_valid, state = 0, 0, 0, None
     if cfg.training.load:
         state = _resume(cfg, model, optimizer, scheduler, runtime, say)
         if state is not None:
@@ -45,6 +46,9 @@ def setup_training(cfg: Config, runtime: Runtime, log: Callable[[str], None] = p
             consumed_valid = int(state["extra"].get("consumed_valid_samples", 0))
             if "scaler" in state["extra"]:
                 scaler.load_state_dict(state["extra"]["scaler"])
+    if state is None and cfg.training.initial_load:
+        what = load_initial_weights(model, cfg.training.initial_load, cfg, runtime.dims)
+        say(f" > initial weights from {cfg.training.initial_load} ({what})")
     train, valid, _test, eod = build_datasets(cfg)
     dims, mbs = runtime.dims, cfg.training.micro_batch_size
     m = num_microbatches(cfg, dims.dp)
@@ -93,6 +97,9 @@ def _resume(cfg: Config, model, optimizer, scheduler, runtime: Runtime, say) -> 
             return None
         raise checkpoint.CheckpointError(f"checkpoint tracker {load / checkpoint.TRACKER} is missing")
     state = checkpoint.load(load, model, optimizer, scheduler, runtime.dims)
+    if state["extra"].get("model_only"):
+        say(f" > loaded converted weights from {load} (fresh optimizer and schedule)")
+        return state
     say(
         f" > resumed from {load} at iteration {state['iteration']} "
         f"({state['consumed_samples']} samples consumed)"

@@ -40,7 +40,10 @@ def _rotate_half(x: torch.Tensor) -> torch.Tensor:
 def apply_rotary(
     q: torch.Tensor, k: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor
 ) -> tuple[torch.Tensor, torch.Tensor]:
-    """Rotate ``q`` ``[b, s, nq, hd]`` and ``k`` ``[b, s, nkv, hd]`` by fp32 ``cos``/``sin`` ``[b, s, hd]``."""
+    """Rotate ``q`` ``[b, s, nq, hd]`` and ``k`` ``[b, s, nkv, hd]``.
+
+    ``cos``/``sin`` are fp32 ``[b, s, hd]``.
+    """
     cos = cos.unsqueeze(2)  # [b, s, 1, hd]
     sin = sin.unsqueeze(2)
     q_out = q.float() * cos + _rotate_half(q.float()) * sin

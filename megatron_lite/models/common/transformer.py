@@ -95,20 +95,37 @@ class Transformer(nn.Module):
         cu_seqlens: torch.Tensor | None = None,
         max_seqlen: int | None = None,
         cache=None,
+        *,
+        layers: Iterable[str] | None = None,
+        pre_process: bool | None = None,
+        post_process: bool | None = None,
     ) -> torch.Tensor:
-        """Run the stage.
+        """Run the stage, or one virtual pipeline chunk of it.
 
         Args:
-            tokens_or_hidden: token ids ``[b, s]`` on the first stage, hidden ``[b, s, h]`` after it.
+            tokens_or_hidden: token ids ``[b, s]`` when embedding, hidden ``[b, s, h]`` otherwise
+                (``[b, s/tp, h]`` under sequence parallel).
             position_ids: ``[b, s]`` (restarting per document for packed rows); default ``0..s-1``.
+                Needed on stages after the first under sequence parallel (to know ``s``).
             cu_seqlens: int32 document boundaries over the flattened batch, or None (one doc per row).
             max_seqlen: longest document, with ``cu_seqlens``.
             cache: KV cache for generation.
+            layers: keys (global layer indices) of the held layers to run, in order; default all.
+            pre_process: embed the input; default ``self.pre_process`` (a rank holding several
+                virtual chunks embeds in its first chunk only).
+            post_process: apply the final norm and output layer; default ``self.post_process``.
 
         Returns:
-            Logits ``[b, s, V]`` on the last stage, hidden states ``[b, s, h]`` otherwise.
+            Logits ``[b, s, V]`` after the output layer, hidden states ``[b, s, h]`` otherwise.
         """
-        if self.pre_process:
+        pre = self.pre_process if pre_process is None else pre_process
+        post = self.post_process if post_process is None else post_process
+        if (pre and not self.pre_process) or (post and not self.post_process):
+            raise ValueError(
+                f"this stage has pre_process={self.pre_process}, post_process={self.post_process}; "
+                f"cannot run with pre_process={pre}, post_process={post}"
+            )
+        if pre:
             h = self.tok_embeddings(tokens_or_hidden)  # [b, s, h]
             b, s = tokens_or_hidden.shape
         else:
@@ -118,9 +135,10 @@ class Transformer(nn.Module):
             position_ids = torch.arange(s, device=h.device).unsqueeze(0).expand(b, s)
         rope = self.rope(position_ids)  # cos, sin: [b, s, hd]
         meta = AttentionMeta(cu_seqlens, max_seqlen, self.cfg.sliding_window, self.attention_backend)
-        for layer in self.layers.values():
+        blocks = self.layers.values() if layers is None else (self.layers[k] for k in layers)
+        for layer in blocks:
             h = layer(h, rope, meta, cache)
-        if not self.post_process:
+        if not post:
             return h
         h = self.norm(h)
         return self.logits(h)

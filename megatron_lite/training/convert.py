@@ -1,0 +1,279 @@
+"""Move model weights between layouts: training checkpoints of any (tp, pp, ep) <-> canonical <-> HF.
+
+Everything goes through the canonical, unsharded parameter names and the shard rules of
+``parallel.sharding`` (DESIGN.md principle 4):
+
+* ``read_full_state``: every shard file of a training checkpoint -> one canonical state dict.
+* ``write_model_checkpoint``: a canonical state dict -> a *model-only* training checkpoint in any
+  target layout (``mp_rank_XX[_PPP][_EEE]`` directories, iteration 0, no optimizer state), the
+  starting point of continued pretraining (Megatron's "release" checkpoint).
+* ``load_hf_into_local``: each rank reads only its own shards straight from a Hugging Face
+  directory (``training.load`` may name one).
+
+Checkpoint shard files hold, for each pipeline stage, the canonical names of the layers that
+stage owns (global layer indices), so pipeline stages need no renaming.
+"""
+
+from __future__ import annotations
+
+import math
+from collections.abc import Callable
+from pathlib import Path
+
+import torch
+import yaml
+
+from megatron_lite.config import Config, ConfigError, ModelConfig, config_from_dict
+from megatron_lite.models.hf_io import (
+    SafetensorsReader,
+    canonical_names,
+    hf_state_to_canonical,
+    read_hf_config,
+)
+from megatron_lite.parallel.dims import ParallelDims
+from megatron_lite.parallel.sharding import shard_tensor, unshard_tensors
+from megatron_lite.training import checkpoint
+from megatron_lite.training.checkpoint import CheckpointError
+
+
+def layout_dims(tp: int = 1, pp: int = 1, ep: int = 1, etp: int | None = None) -> ParallelDims:
+    """The smallest rank grid holding every distinct shard of a (tp, pp, ep, etp) layout.
+
+    Data-parallel replicas hold identical shards, so the grid uses the least dp for which the
+    expert layout tiles a pipeline stage (``tp * dp`` divisible by ``etp * ep``).
+    """
+    etp = tp if etp is None else etp
+    dp = math.lcm(tp, etp * ep) // tp
+    return ParallelDims.build(tp * pp * dp, tp=tp, pp=pp, ep=ep, etp=etp)
+
+
+def shard_writers(dims: ParallelDims) -> list[int]:
+    """One rank per distinct shard file of ``dims`` (the ranks that write checkpoints)."""
+    return [r for r in range(dims.world_size) if checkpoint.is_shard_writer(dims, r)]
+
+
+def stage_layer_ids(cfg: Config, pp_rank: int) -> list[int]:
+    """Global layer indices held by pipeline rank ``pp_rank`` (all its virtual chunks)."""
+    par = cfg.parallel
+    if par.pipeline == 1:
+        return list(range(cfg.model.num_layers))
+    from megatron_lite.pipeline.placement import layer_placement
+
+    placement = layer_placement(
+        cfg.model.num_layers,
+        par.pipeline,
+        par.virtual_pipeline,
+        getattr(par, "first_stage_layers", None),
+        getattr(par, "last_stage_layers", None),
+    )
+    return sorted(i for chunk in placement[pp_rank] for i in chunk)
+
+
+def stage_names(cfg: Config, pp_rank: int) -> list[str]:
+    """Canonical parameter names stored by pipeline rank ``pp_rank``."""
+    names = canonical_names(cfg.model, stage_layer_ids(cfg, pp_rank))
+    pp = cfg.parallel.pipeline
+    if pp == 1:
+        return names
+    first, last = pp_rank == 0, pp_rank == pp - 1
+    keep = []
+    for name in names:
+        if name.startswith("layers."):
+            keep.append(name)
+        elif name.startswith("tok_embeddings.") and (first or (last and cfg.model.tie_embeddings)):
+            keep.append(name)  # tied: the last stage keeps its own copy of the embedding
+        elif not name.startswith("tok_embeddings.") and last:
+            keep.append(name)
+    return keep
+
+
+def read_checkpoint_config(root: str | Path, iteration: int | None = None) -> tuple[Config, int]:
+    """The resolved config and iteration of checkpoint ``iteration`` (default: latest) under ``root``."""
+    root = Path(root)
+    if iteration is None:
+        iteration = checkpoint.latest_iteration(root)
+        if iteration is None:
+            raise CheckpointError(
+                f"{root}: no {checkpoint.TRACKER}; is this a training checkpoint directory?"
+            )
+    cfg_file = checkpoint.iteration_dir(root, iteration) / "config.yaml"
+    if not cfg_file.is_file():
+        raise CheckpointError(f"checkpoint config {cfg_file} is missing")
+    try:
+        cfg = config_from_dict(yaml.safe_load(cfg_file.read_text()) or {})
+    except (yaml.YAMLError, ConfigError) as exc:
+        raise CheckpointError(f"checkpoint config {cfg_file} is unreadable: {exc}") from None
+    return cfg, iteration
+
+
+def read_full_state(
+    root: str | Path, iteration: int | None = None, progress: Callable[[str], None] = lambda _s: None
+) -> tuple[Config, dict[str, torch.Tensor]]:
+    """Reassemble the canonical, unsharded model state of a training checkpoint of any layout.
+
+    Args:
+        root: the checkpoint directory (``training.save`` of the run).
+        iteration: which iteration (default: the tracker's).
+        progress: receives one line per shard file read.
+
+    Returns:
+        ``(config of the run, canonical name -> full tensor)``.
+
+    Raises:
+        CheckpointError: a shard file is missing or unreadable, or shards do not fit together.
+    """
+    cfg, iteration = read_checkpoint_config(root, iteration)
+    par = cfg.parallel
+    dims = layout_dims(par.tensor, par.pipeline, par.expert, par.expert_tensor)
+    it_dir = checkpoint.iteration_dir(root, iteration)
+    locals_by_name: dict[str, dict[int, torch.Tensor]] = {}
+    writers = shard_writers(dims)
+    for k, rank in enumerate(writers, 1):
+        file = it_dir / checkpoint.shard_name(dims, rank) / checkpoint.MODEL_FILE
+        state = checkpoint.read_state(file)
+        progress(f"[{k}/{len(writers)}] read {file}")
+        for name, tensor in state["model"].items():
+            locals_by_name.setdefault(name, {})[rank] = tensor
+    full = {}
+    for name in canonical_names(cfg.model):
+        if name not in locals_by_name:
+            raise CheckpointError(f"{it_dir}: no shard file holds parameter {name}")
+        try:
+            full[name] = unshard_tensors(locals_by_name[name], name, cfg.model, dims)
+        except ValueError as exc:
+            raise CheckpointError(f"{it_dir}: {exc}") from None
+    return cfg, full
+
+
+def write_model_checkpoint(
+    full: dict[str, torch.Tensor],
+    cfg: Config,
+    root: str | Path,
+    progress: Callable[[str], None] = lambda _s: None,
+) -> Path:
+    """Write a model-only training checkpoint (iteration 0) of ``full`` in ``cfg.parallel``'s layout.
+
+    The directory is assembled under a temporary name and renamed into place; the tracker file
+    is written last, so an interrupted conversion leaves nothing that looks complete.
+
+    Args:
+        full: canonical name -> full tensor (e.g. from ``read_full_state`` or an HF directory).
+        cfg: config whose ``model`` matches ``full`` and whose ``parallel`` is the target layout.
+        root: output checkpoint directory (created; must not hold a checkpoint already).
+        progress: receives one line per shard file written.
+
+    Returns:
+        The ``iter_0000000`` directory.
+    """
+    root = Path(root)
+    if (root / checkpoint.TRACKER).exists():
+        raise CheckpointError(
+            f"{root}: already holds a checkpoint ({checkpoint.TRACKER}); choose a new directory"
+        )
+    par = cfg.parallel
+    dims = layout_dims(par.tensor, par.pipeline, par.expert, par.expert_tensor)
+    final = checkpoint.iteration_dir(root, 0)
+    tmp = final.with_name(final.name + ".tmp")
+    tmp.mkdir(parents=True, exist_ok=True)
+    config_yaml = yaml.safe_dump(cfg.to_dict(), sort_keys=False)
+    (tmp / "config.yaml").write_text(config_yaml)
+    writers = shard_writers(dims)
+    for k, rank in enumerate(writers, 1):
+        coords = dims.coords(rank)
+        local = {n: shard_tensor(full[n], n, cfg.model, coords).clone() for n in stage_names(cfg, coords.pp)}
+        state = checkpoint.model_only_state(local, config_yaml)
+        out = tmp / checkpoint.shard_name(dims, rank) / checkpoint.MODEL_FILE
+        out.parent.mkdir(exist_ok=True)
+        checkpoint.atomic_save(state, out)
+        progress(f"[{k}/{len(writers)}] wrote {out.parent.name}")
+    checkpoint.publish(tmp, final, root, 0)
+    return final
+
+
+def model_config_matches(expected: ModelConfig, found: ModelConfig, where: str) -> None:
+    """Raise CheckpointError naming the first model field where ``found`` differs from ``expected``."""
+    for field in ("arch", "vocab_size", "hidden_size", "intermediate_size", "num_layers"):
+        a, b = getattr(expected, field), getattr(found, field)
+        if a != b:
+            raise CheckpointError(f"{where}: model.{field} is {b} there but {a} in this run's config")
+    moe_only = ("num_experts", "top_k")
+    for field in ("num_attention_heads", "num_kv_heads", "tie_embeddings", *moe_only):
+        if field in moe_only and expected.arch != "mixtral":
+            continue
+        a, b = getattr(expected, field), getattr(found, field)
+        if a != b:
+            raise CheckpointError(f"{where}: model.{field} is {b} there but {a} in this run's config")
+
+
+@torch.no_grad()
+def load_hf_into_local(model: torch.nn.Module, path: str | Path, dims: ParallelDims) -> int:
+    """Copy this rank's shards of a Hugging Face checkpoint into the (materialised) local model.
+
+    Only the tensors this rank holds are read (memory-mapped), so every rank of a large model
+    reads its share directly from the HF files.
+
+    Returns:
+        The number of parameters loaded.
+
+    Raises:
+        CheckpointError: the HF model's shape disagrees with the run's model config.
+    """
+    hf_cfg = read_hf_config(path)
+    model_config_matches(model.cfg, hf_cfg, str(Path(path) / "config.json"))
+    params = dict(model.named_parameters())
+    coords = dims.local
+    with SafetensorsReader(path) as reader:
+        for name, full in hf_state_to_canonical(reader, model.cfg, list(params), where=reader.where):
+            local = shard_tensor(full, name, model.cfg, coords) if dims.world_size > 1 else full
+            params[name].copy_(local)
+    return len(params)
+
+
+def model_from_full_state(model_cfg: ModelConfig, full: dict[str, torch.Tensor]) -> torch.nn.Module:
+    """A whole, unparallelized model holding ``full`` (tensors are adopted, not copied)."""
+    from megatron_lite.models import build_model
+
+    model = build_model(model_cfg, "meta", dtype=torch.float32)
+    model.load_state_dict(full, strict=True, assign=True)
+    return model
+
+
+def is_hf_dir(path: str | Path) -> bool:
+    """True when ``path`` holds a Hugging Face checkpoint (config.json + safetensors)."""
+    from megatron_lite.models.hf_io import CONFIG_FILE, INDEX_FILE, SINGLE_FILE
+
+    p = Path(path)
+    return (p / CONFIG_FILE).is_file() and ((p / SINGLE_FILE).is_file() or (p / INDEX_FILE).is_file())
+
+
+@torch.no_grad()
+def load_initial_weights(model: torch.nn.Module, path: str | Path, cfg: Config, dims: ParallelDims) -> str:
+    """Give the local model the weights in ``path`` (``training.initial_load``); returns what was read.
+
+    ``path`` is a Hugging Face directory (each rank reads only its shards) or a training
+    checkpoint of any layout (the same layout reads this rank's shard file; another layout is
+    reassembled to full tensors and re-sharded). Optimizer state and data position are not read.
+    """
+    if is_hf_dir(path):
+        load_hf_into_local(model, path, dims)
+        return "Hugging Face checkpoint"
+    src_cfg, iteration = read_checkpoint_config(path)
+    model_config_matches(cfg.model, src_cfg.model, str(Path(path) / "config.yaml"))
+    same = [getattr(src_cfg.parallel, f) for f in _LAYOUT] == [getattr(cfg.parallel, f) for f in _LAYOUT]
+    if same:
+        file = checkpoint.iteration_dir(path, iteration) / checkpoint.shard_name(dims, dims.rank or 0)
+        try:
+            model.load_state_dict(checkpoint.read_state(file / checkpoint.MODEL_FILE)["model"], strict=True)
+        except RuntimeError as exc:
+            raise CheckpointError(f"{file}: does not fit this model: {str(exc).splitlines()[0]}") from None
+        return f"checkpoint iteration {iteration} (same layout)"
+    _, full = read_full_state(path, iteration)
+    params = dict(model.named_parameters())
+    for name, param in params.items():
+        param.copy_(
+            shard_tensor(full[name], name, cfg.model, dims.local) if dims.world_size > 1 else full[name]
+        )
+    return f"checkpoint iteration {iteration} (resharded)"
+
+
+_LAYOUT = ("tensor", "pipeline", "expert", "expert_tensor", "virtual_pipeline")

@@ -1,0 +1,154 @@
+"""Checkpoint conversion: HF <-> training checkpoints of any (tp, pp, ep) layout, initial weights.
+
+References: transformers' own logits for HF round trips; the one-process run for checkpoints
+written by a tensor-parallel run.
+"""
+
+from __future__ import annotations
+
+import os
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+import torch
+from dist_utils import run_distributed
+from test_training_parallel import _trainer
+
+from megatron_lite.config import ModelConfig
+from megatron_lite.inference import load_model_for_inference
+from megatron_lite.models import build_model, save_hf
+from megatron_lite.training.checkpoint import CheckpointError
+from megatron_lite.training.convert import read_full_state
+
+REPO = Path(__file__).resolve().parents[1]
+transformers = pytest.importorskip("transformers")
+
+
+def _convert(*args: str) -> subprocess.CompletedProcess:
+    cmd = [sys.executable, str(REPO / "tools/convert_checkpoint.py"), *map(str, args)]
+    return subprocess.run(cmd, capture_output=True, text=True, env={**os.environ, "OMP_NUM_THREADS": "1"})
+
+
+def _hf_logits(path: Path, tokens: torch.Tensor) -> torch.Tensor:
+    model = transformers.AutoModelForCausalLM.from_pretrained(path, torch_dtype=torch.float32)
+    with torch.no_grad():
+        return model(tokens).logits
+
+
+def _tiny_hf(path: Path, **overrides) -> ModelConfig:
+    fields = dict(
+        vocab_size=200,
+        hidden_size=64,
+        intermediate_size=96,
+        num_layers=4,
+        num_attention_heads=4,
+        num_kv_heads=2,
+        max_position_embeddings=64,
+    )
+    cfg = ModelConfig(**{**fields, **overrides})
+    save_hf(build_model(cfg, "cpu", dtype=torch.float32, seed=3), path)
+    return cfg
+
+
+@pytest.mark.parametrize(
+    "arch,layout,overrides",
+    [
+        ("mistral", ["--tensor", "4"], {"num_kv_heads": 1}),  # KV heads replicated over tp
+        ("mistral", ["--tensor", "2", "--pipeline", "2"], {"tie_embeddings": True}),
+        ("mixtral", ["--tensor", "2", "--expert", "2"], {"num_experts": 4}),
+        ("mixtral", ["--pipeline", "2", "--virtual-pipeline", "2", "--expert", "4"], {"num_experts": 4}),
+    ],
+)
+def test_hf_to_layout_and_back(tmp_path, arch, layout, overrides):
+    """HF -> sharded training checkpoint -> HF gives transformers the same logits."""
+    _tiny_hf(tmp_path / "hf", arch=arch, **overrides)
+    done = _convert(
+        "--input", tmp_path / "hf", "--output", tmp_path / "ckpt", "--to", "megatron_lite", *layout
+    )
+    assert done.returncode == 0, done.stderr
+    assert "wrote model-only training checkpoint" in done.stdout
+    shards = sorted(p.name for p in (tmp_path / "ckpt/iter_0000000").glob("mp_rank_*"))
+    expected = 1
+    for flag in ("--tensor", "--pipeline", "--expert"):
+        expected *= int(layout[layout.index(flag) + 1]) if flag in layout else 1
+    assert len(shards) == expected, shards
+    back = _convert(
+        "--input", tmp_path / "ckpt", "--output", tmp_path / "hf2", "--to", "hf", "--dtype", "fp32"
+    )
+    assert back.returncode == 0, back.stderr
+    tokens = torch.randint(0, 200, (2, 24), generator=torch.Generator().manual_seed(0))
+    torch.testing.assert_close(_hf_logits(tmp_path / "hf2", tokens), _hf_logits(tmp_path / "hf", tokens))
+    model = load_model_for_inference(tmp_path / "ckpt")  # generation reads training checkpoints too
+    with torch.no_grad():
+        ours = model(tokens)
+    torch.testing.assert_close(ours, _hf_logits(tmp_path / "hf", tokens), atol=1e-4, rtol=1e-4)
+
+
+def test_bad_inputs(tmp_path):
+    missing = _convert("--input", tmp_path / "nope", "--output", tmp_path / "o", "--to", "hf")
+    assert missing.returncode == 1 and "not a directory" in missing.stderr
+    (tmp_path / "empty").mkdir()
+    empty = _convert("--input", tmp_path / "empty", "--output", tmp_path / "o", "--to", "hf")
+    assert empty.returncode == 1 and "latest_checkpointed_iteration.txt" in empty.stderr
+    _tiny_hf(tmp_path / "hf")
+    bad = _convert(
+        "--input", tmp_path / "hf", "--output", tmp_path / "o", "--to", "megatron_lite", "--tensor", "3"
+    )
+    assert bad.returncode == 1 and "3" in bad.stderr and "Traceback" not in bad.stderr
+    assert not (tmp_path / "o").exists() or not any((tmp_path / "o").glob("latest*"))
+    with pytest.raises(CheckpointError, match="no shard file holds|missing"):
+        done = _convert("--input", tmp_path / "hf", "--output", tmp_path / "c", "--to", "megatron_lite")
+        assert done.returncode == 0
+        for shard in (tmp_path / "c/iter_0000000").glob("mp_rank_*/*.pt"):
+            shard.unlink()
+        read_full_state(tmp_path / "c")
+
+
+# ---------------------------------------------------------------- checkpoints of a parallel run
+
+HF_TINY = dict(
+    vocab_size=256, hidden_size=64, intermediate_size=128, num_layers=2, num_attention_heads=4, num_kv_heads=2
+)
+TP2 = ["--parallel.tensor", "2", "--parallel.sequence_parallel", "true"]
+
+
+def _run(overrides: list[str], world_size: int) -> list[float]:
+    trainer = _trainer(overrides, world_size)
+    losses = [r.loss for r in trainer.train()]
+    trainer.runtime.dims.destroy_groups()
+    return losses
+
+
+def _parallel_body(rank: int, world_size: int, root: str) -> None:
+    os.environ["WORLD_SIZE"] = str(world_size)
+    _run([*TP2, "--training.train_iters", "2", "--training.save", f"{root}/tp2"], world_size)
+    losses = _run([*TP2, "--training.train_iters", "2", "--training.initial_load", f"{root}/hf"], world_size)
+    torch.save(losses, f"{root}/initial_tp2_rank{rank}.pt")
+
+
+@pytest.mark.slow
+def test_tensor_parallel_checkpoint_and_initial_load(tmp_path):
+    """A tp=2 run's sharded checkpoint reassembles to the one-process run's weights; both layouts
+    start identically from an HF directory given as training.initial_load."""
+    save_hf(build_model(ModelConfig(**HF_TINY, max_position_embeddings=64), "cpu", seed=5), tmp_path / "hf")
+    _run(["--training.train_iters", "2", "--training.save", str(tmp_path / "tp1")], 1)
+    reference = _run(["--training.train_iters", "2", "--training.initial_load", str(tmp_path / "hf")], 1)
+    run_distributed(_parallel_body, 2, str(tmp_path))
+    _, one = read_full_state(tmp_path / "tp1")
+    _, two = read_full_state(tmp_path / "tp2")
+    assert one.keys() == two.keys()
+    for name in one:
+        torch.testing.assert_close(two[name], one[name], rtol=1e-5, atol=1e-6, msg=name)
+    for rank in range(2):
+        got = torch.load(tmp_path / f"initial_tp2_rank{rank}.pt")
+        assert got == pytest.approx(reference, rel=1e-5)
+    # the HF start really was used: another seed's HF weights give another first loss
+    assert reference != pytest.approx(_run(["--training.train_iters", "2"], 1), rel=1e-3)
+
+
+def test_initial_load_rejects_other_shapes(tmp_path):
+    save_hf(build_model(ModelConfig(**{**HF_TINY, "hidden_size": 32}), "cpu", seed=5), tmp_path / "hf")
+    with pytest.raises(CheckpointError, match="hidden_size is 32 there but 64"):
+        _trainer(["--training.initial_load", str(tmp_path / "hf")], 1)
