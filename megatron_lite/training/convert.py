@@ -63,8 +63,8 @@ def stage_layer_ids(cfg: Config, pp_rank: int) -> list[int]:
         cfg.model.num_layers,
         par.pipeline,
         par.virtual_pipeline,
-        getattr(par, "first_stage_layers", None),
-        getattr(par, "last_stage_layers", None),
+        par.num_layers_in_first_stage,
+        par.num_layers_in_last_stage,
     )
     return sorted(i for chunk in placement[pp_rank] for i in chunk)
 
@@ -276,4 +276,12 @@ def load_initial_weights(model: torch.nn.Module, path: str | Path, cfg: Config, 
     return f"checkpoint iteration {iteration} (resharded)"
 
 
-_LAYOUT = ("tensor", "pipeline", "expert", "expert_tensor", "virtual_pipeline")
+_LAYOUT = (
+    "tensor",
+    "pipeline",
+    "virtual_pipeline",
+    "expert",
+    "expert_tensor",
+    "num_layers_in_first_stage",
+    "num_layers_in_last_stage",
+)

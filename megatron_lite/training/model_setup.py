@@ -20,6 +20,12 @@ from megatron_lite.models import build_model
 from megatron_lite.models.common.transformer import Transformer, TransformerBlock
 from megatron_lite.parallel.parallelize import materialize_local, parallelize
 from megatron_lite.parallel.sharding import replicated_rows, shard_spec_for
+from megatron_lite.pipeline.stages import (
+    allreduce_embedding_grads,
+    is_tied_embedding_copy,
+    stage_layer_ids,
+    stage_roles,
+)
 from megatron_lite.training.optimizer import NormGroup
 from megatron_lite.training.runtime import Runtime
 
@@ -28,9 +34,21 @@ def build_local_model(cfg: Config, runtime: Runtime) -> Transformer:
     """This rank's fp32 model, initialised from ``training.seed``, with recompute applied.
 
     Several processes: parallelized (modules swapped for tensor/expert-parallel ones) before the
-    local shards are allocated. One process: the plain model, same initial values.
+    local shards are allocated. One process: the plain model, same initial values. With pipeline
+    parallelism: the layers of all this rank's virtual chunks under their global names, the
+    embedding on the first stage, the head on the last (``pipeline.stages``).
     """
-    model = build_model(cfg.model, "meta", dtype=torch.float32)
+    dims = runtime.dims
+    pp_rank = dims.local.pp
+    pre_process, post_process = stage_roles(pp_rank, dims.pp)
+    model = build_model(
+        cfg.model,
+        "meta",
+        dtype=torch.float32,
+        layer_ids=stage_layer_ids(cfg, pp_rank),
+        pre_process=pre_process,
+        post_process=post_process,
+    )
     if runtime.distributed:
         model = parallelize(model, runtime.dims, cfg.parallel)
     materialize_local(model, runtime.dims, cfg.training.seed, device=runtime.device)
@@ -80,11 +98,16 @@ def masked_loss_sum(
 
 
 def reduce_gradients(model: nn.Module, runtime: Runtime) -> None:
-    """SUM gradients over data-parallel replicas (and tp-partial ones over tp); no-op on one process."""
+    """SUM gradients over data-parallel replicas (and tp-partial ones over tp); no-op on one process.
+
+    With pipeline parallelism, the tied embedding's gradient is then summed over its two copies
+    (first and last stage).
+    """
     if runtime.distributed:
         from megatron_lite.parallel.grads import allreduce_gradients
 
         allreduce_gradients(model, runtime.dims)
+        allreduce_embedding_grads(model, runtime.dims)
 
 
 def grad_norm_groups(model: nn.Module, runtime: Runtime) -> list[NormGroup]:
@@ -92,9 +115,10 @@ def grad_norm_groups(model: nn.Module, runtime: Runtime) -> list[NormGroup]:
 
     Runs on reduced gradients, which are identical across data-parallel replicas, so dense
     parameters sum over the model-parallel group (tp x pp) and expert parameters over the expert
-    model-parallel group (etp x ep). A parameter replicated over tensor-parallel ranks counts on
-    tensor rank 0 only; KV rows replicated over ``tp / num_kv_heads`` ranks count with weight
-    ``1 / replicas`` on each. (Pipeline parallel will need an expert group spanning stages.)
+    model-parallel group (etp x ep), then over the pipeline stages. A parameter replicated over
+    tensor-parallel ranks counts on tensor rank 0 only; KV rows replicated over
+    ``tp / num_kv_heads`` ranks count with weight ``1 / replicas`` on each; the last stage's copy
+    of a tied embedding does not count (the first stage's does).
     """
     params = [p for p in model.parameters() if p.requires_grad]
     state = getattr(model, "parallel_state", None)
@@ -102,9 +126,9 @@ def grad_norm_groups(model: nn.Module, runtime: Runtime) -> list[NormGroup]:
         return [NormGroup(params, None)]
     dims, coords = runtime.dims, runtime.dims.local
     dense = NormGroup(all_reduce=_reducer(dims.group("mp")))
-    expert = NormGroup(all_reduce=_reducer(dims.group("etp_ep")))
+    expert = NormGroup(all_reduce=_reducer(dims.group("etp_ep"), dims.group("pp") if dims.pp > 1 else None))
     for name, param in model.named_parameters():
-        if not param.requires_grad:
+        if not param.requires_grad or is_tied_embedding_copy(model, name, dims.pp):
             continue
         spec = shard_spec_for(name, state.model_cfg)
         group = expert if spec.is_expert else dense
@@ -122,11 +146,12 @@ def grad_norm_groups(model: nn.Module, runtime: Runtime) -> list[NormGroup]:
     return [dense, expert]
 
 
-def _reducer(group):
+def _reducer(*groups):
     import torch.distributed as dist
 
     def all_reduce(t: torch.Tensor) -> None:
-        if group is not None:
-            dist.all_reduce(t, group=group)
+        for group in groups:
+            if group is not None:
+                dist.all_reduce(t, group=group)
 
     return all_reduce

@@ -27,6 +27,7 @@ import torch.distributed as dist
 from megatron_lite.config import Config, ConfigError
 from megatron_lite.models.common.attention_backends import flash_attn_available
 from megatron_lite.parallel.dims import ParallelDims, validate_layout
+from megatron_lite.pipeline.stages import check_pipeline_config
 from megatron_lite.training.logging import check_backends
 
 DTYPES = {"fp32": torch.float32, "bf16": torch.bfloat16, "fp16": torch.float16}
@@ -59,11 +60,6 @@ def check_run_config(cfg: Config, world_size: int) -> int:
     Runs before any process group or tensor exists. Fills ``training.global_batch_size`` when unset.
     """
     par, tr = cfg.parallel, cfg.training
-    if par.pipeline > 1:
-        raise ConfigError(
-            f"parallel.pipeline ({par.pipeline}) > 1 is not supported by the trainer yet; "
-            "use tensor/expert/data parallelism"
-        )
     if world_size % (par.tensor * par.pipeline):
         raise ConfigError(
             f"world size ({world_size}) is not divisible by parallel.tensor ({par.tensor}) "
@@ -77,6 +73,7 @@ def check_run_config(cfg: Config, world_size: int) -> int:
             f"training.global_batch_size ({tr.global_batch_size}) is not divisible by "
             f"training.micro_batch_size ({tr.micro_batch_size}) * data-parallel size ({dp})"
         )
+    check_pipeline_config(cfg, tr.global_batch_size // (tr.micro_batch_size * dp))
     if tr.recompute == "selective":
         raise ConfigError("training.recompute 'selective' is not implemented yet; use 'full' or 'none'")
     if tr.device == "cuda" and not torch.cuda.is_available():

@@ -40,6 +40,7 @@ from megatron_lite.training.logging import (
 from megatron_lite.training.lr_schedule import LRScheduler
 from megatron_lite.training.model_setup import grad_norm_groups, masked_loss_sum, reduce_gradients
 from megatron_lite.training.optimizer import DynamicLossScaler, clip_grads
+from megatron_lite.training.pipeline_step import PipelineStep
 from megatron_lite.training.runtime import Runtime
 
 
@@ -148,6 +149,8 @@ class Trainer:
         self.flops_per_token = metrics.flops_per_token(cfg.model, cfg.data.seq_length)
         self.peak = metrics.device_peak_tflops(runtime.device, cfg.logging.peak_tflops)
         self.is_moe = bool(getattr(model, "moe_layers", list)())
+        # pp > 1: the executor walks this rank's schedule over its model chunks.
+        self.pipeline = PipelineStep(cfg, runtime, model) if runtime.dims.pp > 1 else None
         self.history: list[StepResult] = []
 
     # ------------------------------------------------------------------ one iteration
@@ -159,7 +162,10 @@ class Trainer:
         num_tokens = sum(b.loss_mask.sum() for b in microbatches).to(torch.float32).reshape(1)
         num_tokens = float(rt.all_reduce_dp(num_tokens))
         loss_weight = 1.0 / max(num_tokens, 1.0)
-        loss_sum = forward_backward(self.model, microbatches, rt, loss_weight, self.scaler.scale)
+        if self.pipeline is not None:
+            loss_sum = self.pipeline.forward_backward(microbatches, loss_weight, self.scaler.scale)
+        else:
+            loss_sum = forward_backward(self.model, microbatches, rt, loss_weight, self.scaler.scale)
         reduce_gradients(self.model, rt)
         self.scaler.unscale_(self.params)
         grad_norm = clip_grads(self.norm_groups, self.cfg.optimizer.clip_grad, rt.device, self.params)
@@ -187,7 +193,12 @@ class Trainer:
         self.model.eval()
         sums = torch.zeros(2, device=self.runtime.device)
         for _ in range(self.cfg.training.eval_iters):
-            for batch in self.valid_stream.next():
+            batches = self.valid_stream.next()
+            if self.pipeline is not None:
+                sums[0] += self.pipeline.loss_sum(batches)  # summed over the pipeline group
+                sums[1] += sum(batch.loss_mask.sum() for batch in batches)
+                continue
+            for batch in batches:
                 sums[0] += microbatch_loss_sum(self.model, batch, self.runtime)
                 sums[1] += batch.loss_mask.sum()
         self.model.train()
