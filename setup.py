@@ -60,7 +60,7 @@ setup(
     python_requires=">=3.10",
     install_requires=["torch>=2.4", "numpy", "sentencepiece", "pybind11", "pyyaml", "safetensors"],
     extras_require={
-        "test": ["pytest", "transformers", "ruff", "mistral-common", "matplotlib"],
+        "test": ["pytest", "transformers", "ruff", "mistral-common", "matplotlib", "megatron-core"],
         "wandb": ["wandb"],
     },
     ext_modules=[_extension()],

@@ -33,12 +33,13 @@ TINY = [
 ]
 MOE = ["--model.arch", "mixtral", "--model.num_experts", "4"]
 PP2 = ["--parallel.pipeline", "2"]
-# case -> overrides of both runs (the 2-rank run adds its pipeline layout)
+RECOMPUTE = ["--training.recompute", "full"]  # same values, forwards replayed inside the chunks' backward
+# case -> (overrides of both runs, what the 2-rank run adds)
 CASES = {
     "1f1b_tied": (["--model.tie_embeddings", "true"], [*PP2, "--parallel.schedule", "1f1b"]),
     "breadth_first_v2_moe": (
         MOE,
-        [*PP2, "--parallel.virtual_pipeline", "2", "--parallel.schedule", "breadth-first"],
+        [*PP2, "--parallel.virtual_pipeline", "2", "--parallel.schedule", "breadth-first", *RECOMPUTE],
     ),
 }
 
