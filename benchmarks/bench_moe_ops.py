@@ -4,7 +4,7 @@ Default shape is one Mixtral 8x7B layer's routing for a 16k-token microbatch: hi
 FFN 14336, 8 experts, top-2, bf16. Each op is timed forward and forward+backward; the
 bandwidth-bound ones are compared with a memory floor (bytes the op must move divided by the
 measured device-to-device copy bandwidth). ``grouped_mm`` (the w1 projection, 4096 -> 14336)
-is reported in TFLOP/s instead. The MoE *layer* comparison is not here yet.
+is reported in TFLOP/s instead. The MoE *layer* against transformers: bench_moe_layer.py.
 
     python benchmarks/bench_moe_ops.py                      # GPU, default shape
     python benchmarks/bench_moe_ops.py --device cpu --tokens 512 --hidden 256 --ffn 512  # smoke test

@@ -43,7 +43,7 @@ TINY = [
     "--training.global_batch_size",
     "8",
     "--training.train_iters",
-    "3",
+    "5",
     "--optimizer.lr",
     "3e-3",
     "--optimizer.lr_warmup_iters",
