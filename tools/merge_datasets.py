@@ -14,7 +14,7 @@ import sys
 sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 
 from megatron_lite.data.gpt_dataset import loss_mask_prefix  # noqa: E402
-from megatron_lite.data.indexed_dataset import IndexedDataset, IndexedDatasetBuilder  # noqa: E402
+from megatron_lite.data.indexed_dataset import IndexedDataset, concatenate_datasets  # noqa: E402
 
 
 def merge(inputs: list[str], output_prefix: str) -> None:
@@ -27,19 +27,7 @@ def merge(inputs: list[str], output_prefix: str) -> None:
     if all(masks):
         out = output_prefix[: -len("_document")] if output_prefix.endswith("_document") else output_prefix
         jobs.append((masks, out + "_loss_mask", IndexedDataset(masks[0]).dtype))
-    builders = []
-    try:
-        for prefixes, out, dt in jobs:
-            builder = IndexedDatasetBuilder(out, dt)
-            builders.append(builder)
-            for prefix in prefixes:
-                builder.add_index(prefix)
-        for builder in builders:
-            builder.finalize()
-    except BaseException:
-        for builder in builders:
-            builder.abort()
-        raise
+    concatenate_datasets(jobs)
 
 
 def main(argv: list[str] | None = None) -> int:

@@ -298,3 +298,24 @@ class IndexedDatasetBuilder:
             self.finalize()
         else:
             self.abort()
+
+
+def concatenate_datasets(jobs: Sequence[tuple[Sequence[str], str, object]]) -> None:
+    """Write each ``(input prefixes, output prefix, dtype)`` job as the inputs' concatenation.
+
+    All or nothing: every output is finalised only after all were assembled; on any error the
+    temporary files of every job are removed.
+    """
+    builders = []
+    try:
+        for prefixes, out, dtype in jobs:
+            builder = IndexedDatasetBuilder(out, dtype)
+            builders.append(builder)
+            for prefix in prefixes:
+                builder.add_index(prefix)
+        for builder in builders:
+            builder.finalize()
+    except BaseException:
+        for builder in builders:
+            builder.abort()
+        raise

@@ -10,7 +10,7 @@ import warnings
 import numpy as np
 
 from megatron_lite.data.cleaning import MinHashLSH, choose_bands_rows
-from megatron_lite.data.indexed_dataset import IndexedDatasetBuilder, optimal_dtype
+from megatron_lite.data.indexed_dataset import IndexedDatasetBuilder, concatenate_datasets, optimal_dtype
 from megatron_lite.data.instruction import interleave, pack_examples
 from megatron_lite.data.jsonl_input import WorkUnit, chunked, expand_inputs, iter_lines, plan_partitions
 from megatron_lite.data.preprocess import (
@@ -212,20 +212,15 @@ def _partition_main(k, units, opts, prefix, workers, queue) -> None:
 
 def _merge_partitions(part_prefixes: list[str], opts: PreprocessOptions, dtype) -> None:
     keys = [(k, False) for k in opts.json_keys] + [(k, True) for k in opts.json_keys if opts.with_loss_mask]
-    builders = []
-    try:
-        for key, is_mask in keys:
-            final = output_prefixes(opts.output_prefix, key)[int(is_mask)]
-            builder = IndexedDatasetBuilder(final, np.uint8 if is_mask else dtype)
-            builders.append(builder)
-            for part in part_prefixes:
-                builder.add_index(output_prefixes(part, key)[int(is_mask)])
-        for builder in builders:
-            builder.finalize()
-    except BaseException:
-        for builder in builders:
-            builder.abort()
-        raise
+    jobs = [
+        (
+            [output_prefixes(part, key)[int(is_mask)] for part in part_prefixes],
+            output_prefixes(opts.output_prefix, key)[int(is_mask)],
+            np.uint8 if is_mask else dtype,
+        )
+        for key, is_mask in keys
+    ]
+    concatenate_datasets(jobs)
 
 
 def _remove_partitions(part_prefixes: list[str], opts: PreprocessOptions) -> None:
