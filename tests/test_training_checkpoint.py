@@ -10,6 +10,7 @@ from pathlib import Path
 import numpy as np
 import pytest
 import torch
+from tiny import TINY_MODEL
 
 from megatron_lite.config import load_config
 from megatron_lite.data.indexed_dataset import IndexedDatasetBuilder
@@ -21,20 +22,7 @@ from megatron_lite.training.setup import setup_training
 
 REPO = Path(__file__).resolve().parents[1]
 TINY = [
-    "--model.vocab_size",
-    "256",
-    "--model.hidden_size",
-    "64",
-    "--model.intermediate_size",
-    "128",
-    "--model.num_layers",
-    "2",
-    "--model.num_attention_heads",
-    "4",
-    "--model.num_kv_heads",
-    "2",
-    "--model.max_position_embeddings",
-    "64",
+    *TINY_MODEL,
     "--data.seq_length",
     "32",
     "--training.micro_batch_size",

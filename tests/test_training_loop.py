@@ -7,6 +7,7 @@ import re
 
 import pytest
 import torch
+from tiny import TINY_MODEL
 
 from megatron_lite.config import load_config
 from megatron_lite.data.batching import make_batch
@@ -18,20 +19,7 @@ from megatron_lite.training.trainer import forward_backward
 
 VALID_RE = re.compile(r"validation loss at iteration \d+ \| lm loss value: ([\d.]+E[+-]\d+)")
 TINY = [
-    "--model.vocab_size",
-    "256",
-    "--model.hidden_size",
-    "64",
-    "--model.intermediate_size",
-    "128",
-    "--model.num_layers",
-    "2",
-    "--model.num_attention_heads",
-    "4",
-    "--model.num_kv_heads",
-    "2",
-    "--model.max_position_embeddings",
-    "64",
+    *TINY_MODEL,
     "--data.mock",
     "true",
     "--data.seq_length",

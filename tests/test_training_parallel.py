@@ -13,6 +13,7 @@ import os
 import pytest
 import torch
 from dist_utils import run_distributed
+from tiny import TINY_MODEL
 
 from megatron_lite.config import load_config
 from megatron_lite.parallel.parallelize import load_full_state_dict
@@ -20,20 +21,7 @@ from megatron_lite.training.runtime import check_run_config, init_runtime
 from megatron_lite.training.setup import setup_training
 
 TINY = [
-    "--model.vocab_size",
-    "256",
-    "--model.hidden_size",
-    "64",
-    "--model.intermediate_size",
-    "128",
-    "--model.num_layers",
-    "2",
-    "--model.num_attention_heads",
-    "4",
-    "--model.num_kv_heads",
-    "2",
-    "--model.max_position_embeddings",
-    "64",
+    *TINY_MODEL,
     "--data.mock",
     "true",
     "--data.seq_length",
