@@ -124,23 +124,28 @@ def _run(overrides: list[str], world_size: int) -> list[float]:
 def _parallel_body(rank: int, world_size: int, root: str) -> None:
     os.environ["WORLD_SIZE"] = str(world_size)
     _run([*TP2, "--training.train_iters", "2", "--training.save", f"{root}/tp2"], world_size)
+    _run(
+        ["--parallel.pipeline", "2", "--training.train_iters", "2", "--training.save", f"{root}/pp2"],
+        world_size,
+    )
     losses = _run([*TP2, "--training.train_iters", "2", "--training.initial_load", f"{root}/hf"], world_size)
     torch.save(losses, f"{root}/initial_tp2_rank{rank}.pt")
 
 
 @pytest.mark.slow
 def test_tensor_parallel_checkpoint_and_initial_load(tmp_path):
-    """A tp=2 run's sharded checkpoint reassembles to the one-process run's weights; both layouts
-    start identically from an HF directory given as training.initial_load."""
+    """tp=2 and pp=2 runs' sharded checkpoints reassemble to the one-process run's weights; tp=2
+    and tp=1 start identically from an HF directory given as training.initial_load."""
     save_hf(build_model(ModelConfig(**HF_TINY, max_position_embeddings=64), "cpu", seed=5), tmp_path / "hf")
     _run(["--training.train_iters", "2", "--training.save", str(tmp_path / "tp1")], 1)
     reference = _run(["--training.train_iters", "2", "--training.initial_load", str(tmp_path / "hf")], 1)
     run_distributed(_parallel_body, 2, str(tmp_path))
     _, one = read_full_state(tmp_path / "tp1")
-    _, two = read_full_state(tmp_path / "tp2")
-    assert one.keys() == two.keys()
-    for name in one:
-        torch.testing.assert_close(two[name], one[name], rtol=1e-5, atol=1e-6, msg=name)
+    for layout in ("tp2", "pp2"):
+        _, two = read_full_state(tmp_path / layout)
+        assert one.keys() == two.keys()
+        for name in one:
+            torch.testing.assert_close(two[name], one[name], rtol=1e-5, atol=1e-6, msg=f"{layout} {name}")
     for rank in range(2):
         got = torch.load(tmp_path / f"initial_tp2_rank{rank}.pt")
         assert got == pytest.approx(reference, rel=1e-5)

@@ -32,6 +32,7 @@ from megatron_lite.models.hf_io import (
 )
 from megatron_lite.parallel.dims import ParallelDims
 from megatron_lite.parallel.sharding import shard_tensor, unshard_tensors
+from megatron_lite.pipeline.stages import stage_layer_ids
 from megatron_lite.training import checkpoint
 from megatron_lite.training.checkpoint import CheckpointError
 
@@ -50,23 +51,6 @@ def layout_dims(tp: int = 1, pp: int = 1, ep: int = 1, etp: int | None = None) -
 def shard_writers(dims: ParallelDims) -> list[int]:
     """One rank per distinct shard file of ``dims`` (the ranks that write checkpoints)."""
     return [r for r in range(dims.world_size) if checkpoint.is_shard_writer(dims, r)]
-
-
-def stage_layer_ids(cfg: Config, pp_rank: int) -> list[int]:
-    """Global layer indices held by pipeline rank ``pp_rank`` (all its virtual chunks)."""
-    par = cfg.parallel
-    if par.pipeline == 1:
-        return list(range(cfg.model.num_layers))
-    from megatron_lite.pipeline.placement import layer_placement
-
-    placement = layer_placement(
-        cfg.model.num_layers,
-        par.pipeline,
-        par.virtual_pipeline,
-        par.num_layers_in_first_stage,
-        par.num_layers_in_last_stage,
-    )
-    return sorted(i for chunk in placement[pp_rank] for i in chunk)
 
 
 def stage_names(cfg: Config, pp_rank: int) -> list[str]:

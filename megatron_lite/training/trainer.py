@@ -16,6 +16,11 @@ stage (``parallelize`` installs that reduce), so each aux loss describes the uni
 ranks' ``j``-th microbatches and every rank back-propagates its own tokens' share. A weight of
 ``1 / num_microbatches`` then makes the objective hold the mean aux loss over those ``M`` joint
 microbatches, exactly as one process with micro-batch ``mbs * dp`` would.
+
+Pipeline parallelism (``parallel.pipeline > 1``): ``pipeline_step.PipelineStep`` replaces
+``forward_backward`` with the same objective; the executor walks this rank's schedule, the loss is
+computed on the last stage and summed over the pipeline group, so every rank returns the same
+statistics.
 """
 
 from __future__ import annotations
