@@ -135,8 +135,9 @@ def test_run_checks_need_world_size():
     with pytest.raises(ConfigError, match=r"global_batch_size \(6\) is not divisible"):
         check_run_config(bad, 2)
     pp = load_config(None, ["--data.mock", "true", "--parallel.pipeline", "2"])
-    with pytest.raises(ConfigError, match="pipeline"):
-        check_run_config(pp, 2)
+    assert check_run_config(pp, 2) == 1  # pipelines are supported; the world must hold them
+    with pytest.raises(ConfigError, match=r"world size \(3\) is not divisible .* parallel.pipeline \(2\)"):
+        check_run_config(pp, 3)
     tp = load_config(None, ["--data.mock", "true", "--parallel.tensor", "3"])
     with pytest.raises(ConfigError, match="not divisible"):
         check_run_config(tp, 3)
