@@ -17,15 +17,15 @@ import torch
 from dist_utils import run_distributed
 from test_training_cli import pretrain
 from test_training_logging import TRAIN_RE
+from tiny import TINY_MODEL
 
 from megatron_lite.config import ConfigError, load_config
 from megatron_lite.training.runtime import check_run_config, init_runtime
 from megatron_lite.training.setup import setup_training
 
 TINY = [
-    *("--model.vocab_size", "256", "--model.hidden_size", "64", "--model.intermediate_size", "128"),
-    *("--model.num_layers", "4", "--model.num_attention_heads", "4", "--model.num_kv_heads", "2"),
-    *("--model.max_position_embeddings", "64", "--data.mock", "true", "--data.seq_length", "32"),
+    *TINY_MODEL,
+    *("--model.num_layers", "4", "--data.mock", "true", "--data.seq_length", "32"),  # 4 layers: 2 per stage
     *("--training.micro_batch_size", "2", "--training.global_batch_size", "8"),
     *("--training.train_iters", "5", "--training.eval_iters", "1", "--data.split", "90,10,0"),
     *("--optimizer.lr", "3e-3", "--optimizer.lr_warmup_iters", "1", "--optimizer.clip_grad", "0.5"),
