@@ -11,9 +11,11 @@ posting rule of ``communication.py``:
    compute action, waited at the end of the step);
 4. :func:`warm_up` runs a collective on the pipeline group once before the first step.
 
-Memory: a forward output is kept (with its graph) until its backward; the received input until
-its backward produced the input gradient; the gradient until its send completed. Nothing of a
-microbatch outlives its backward.
+Memory: a forward output is freed as soon as its send completed: the executor keeps only a 0-d
+anchor of the output's autograd graph (``_StageBoundary``), through which the received gradient is
+injected at backward time (what Megatron does by overwriting ``output.data``, with public autograd
+API only). The received input lives until its backward produced the input gradient; the gradient
+until its send completed. Nothing of a microbatch outlives its backward.
 
 Data: every pipeline rank loads the same microbatches (``BatchStream`` slices by data-parallel
 rank only), so the labels, the loss mask and the packed-sequence metadata (``position_ids``,
@@ -38,6 +40,32 @@ from torch import nn
 
 from megatron_lite.pipeline.actions import Action
 from megatron_lite.pipeline.placement import is_first_stage, is_last_stage
+
+
+class _GradSlot:
+    """Holds the gradient received for one stage output until its backward runs."""
+
+    grad: torch.Tensor | None = None
+
+
+class _StageBoundary(torch.autograd.Function):
+    """Cut between a stage output and the next stage: a 0-d anchor stands in for the output.
+
+    The anchor keeps the output's graph alive without keeping its ``[b, s, h]`` values (nothing
+    is saved for backward), so the output storage is released once the send that reads it is
+    done. Back-propagating the anchor hands the slot's gradient to the output's graph.
+    """
+
+    @staticmethod
+    def forward(ctx, out: torch.Tensor, slot: _GradSlot) -> torch.Tensor:
+        ctx.slot, ctx.dtype = slot, out.dtype
+        return out.new_zeros(())
+
+    @staticmethod
+    def backward(ctx, _anchor_grad: torch.Tensor):
+        grad, ctx.slot.grad = ctx.slot.grad, None
+        return grad.to(ctx.dtype), None
+
 
 # loss_fn(logits, microbatch) -> (objective to back-propagate, detached scalar to report)
 LossFn = Callable[[torch.Tensor, object], tuple[torch.Tensor, torch.Tensor]]
@@ -74,7 +102,7 @@ class _Step:
     """Per-step bookkeeping, keyed by (chunk, microbatch) or (direction, chunk, microbatch)."""
 
     inputs: dict = field(default_factory=dict)  # received activation (leaf), until its backward
-    outputs: dict = field(default_factory=dict)  # output with graph / loss objective, until backward
+    outputs: dict = field(default_factory=dict)  # (anchor, slot) / loss objective, until backward
     received: dict = field(default_factory=dict)  # (dir, c, m) -> (buffer, batch) not yet consumed
     to_send: dict = field(default_factory=dict)  # (dir, c, m) -> tensor produced, not yet posted
     pending: list = field(default_factory=list)  # batches not known to be complete
@@ -225,7 +253,8 @@ class PipelineExecutor:
                 f"{self.shape} (micro batch, sequence (/tp under sequence parallel), hidden)"
             )
         if not self.forward_only:
-            st.outputs[(c, m)] = out
+            slot = _GradSlot()
+            st.outputs[(c, m)] = (_StageBoundary.apply(out, slot), slot)  # not ``out`` itself
         st.to_send[("F", c, m)] = out.detach().to(self.dtype).contiguous()
 
     def _backward(self, st: _Step, c: int, m: int) -> None:
@@ -233,8 +262,9 @@ class PipelineExecutor:
         if is_last_stage(self.rank, c, self.pp, self.vpp):
             torch.autograd.backward(out)  # the scalar objective (loss + attached MoE aux losses)
         else:
-            grad = self._take(st, "B", c, m)  # [b, s(/tp), h]
-            torch.autograd.backward(out, grad_tensors=grad.to(out.dtype))
+            anchor, slot = out
+            slot.grad = self._take(st, "B", c, m)  # [b, s(/tp), h]
+            torch.autograd.backward(anchor)
         del out
         if not is_first_stage(self.rank, c):
             x = st.inputs.pop((c, m))
