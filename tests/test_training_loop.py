@@ -132,12 +132,14 @@ def test_mock_dataset_is_deterministic_and_learnable():
         assert all(succ.get(int(x), int(y)) == int(y) for x, y in zip(sample[:-1], sample[1:]))
 
 
-def test_recompute_full_gives_same_gradients():
-    cfg = tiny_config("--training.micro_batch_size", "4")
+@pytest.mark.parametrize("mode", ["full", "selective"])
+@pytest.mark.parametrize("arch", ["mistral", "mixtral"])
+def test_recompute_gives_same_gradients(mode, arch):
+    cfg = tiny_config("--training.micro_batch_size", "4", "--model.arch", arch, "--model.num_experts", "4")
     runtime = init_runtime(cfg)
     plain = build_local_model(cfg, runtime)
     cfg_rc = copy.deepcopy(cfg)
-    cfg_rc.training.recompute = "full"
+    cfg_rc.training.recompute = mode
     recomputed = build_local_model(cfg_rc, runtime)
     assert [n for n, _ in plain.named_parameters()] == [n for n, _ in recomputed.named_parameters()]
     tokens, mask = uneven_batches(4)
@@ -145,6 +147,33 @@ def test_recompute_full_gives_same_gradients():
     _, g2 = grads_after(recomputed, tokens, mask, 2, runtime)
     for a, b in zip(g1, g2):
         torch.testing.assert_close(a, b)
+
+
+def test_selective_recompute_keeps_matmuls_and_recomputes_pointwise(monkeypatch):
+    """The policy really sees the block's ops: matmul/attention outputs saved, norms/SiLU recomputed."""
+    from torch.utils.checkpoint import CheckpointPolicy
+
+    from megatron_lite.training import model_setup
+
+    decisions: dict[str, set] = {"saved": set(), "recomputed": set()}
+    policy = model_setup.selective_policy
+
+    def recording_policy(ctx, op, *args, **kwargs):
+        choice = policy(ctx, op, *args, **kwargs)
+        saved = choice == CheckpointPolicy.MUST_SAVE
+        decisions["saved" if saved else "recomputed"].add(str(getattr(op, "overloadpacket", op)))
+        return choice
+
+    monkeypatch.setattr(model_setup, "selective_policy", recording_policy)
+    cfg = tiny_config("--training.micro_batch_size", "2", "--training.recompute", "selective")
+    runtime = init_runtime(cfg)
+    model = build_local_model(cfg, runtime)
+    tokens, mask = uneven_batches(2)
+    grads_after(model, tokens, mask, 1, runtime)
+    assert "aten.mm" in decisions["saved"]
+    assert any("scaled_dot_product" in op for op in decisions["saved"])
+    assert {"aten.silu", "aten.rsqrt"} <= decisions["recomputed"], decisions["recomputed"]
+    assert not decisions["saved"] & decisions["recomputed"]
 
 
 def test_moe_trains_and_scales_aux_loss():

@@ -48,7 +48,18 @@ KV1 = ["--model.num_kv_heads", "1"]
 MOE = ["--model.arch", "mixtral", "--model.num_experts", "4"]
 CASES = {
     "dp2": ([], []),
-    "tp2_sp_kv1": (KV1, [*KV1, "--parallel.tensor", "2", "--parallel.sequence_parallel", "true"]),
+    "tp2_sp_kv1_selective_recompute": (
+        KV1,
+        [
+            *KV1,
+            "--parallel.tensor",
+            "2",
+            "--parallel.sequence_parallel",
+            "true",
+            "--training.recompute",
+            "selective",
+        ],
+    ),
     "ep2_moe": ([*MOE, "--training.micro_batch_size", "4"], [*MOE, "--parallel.expert", "2"]),
 }
 

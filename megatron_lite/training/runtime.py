@@ -74,8 +74,6 @@ def check_run_config(cfg: Config, world_size: int) -> int:
             f"training.micro_batch_size ({tr.micro_batch_size}) * data-parallel size ({dp})"
         )
     check_pipeline_config(cfg, tr.global_batch_size // (tr.micro_batch_size * dp))
-    if tr.recompute == "selective":
-        raise ConfigError("training.recompute 'selective' is not implemented yet; use 'full' or 'none'")
     if tr.device == "cuda" and not torch.cuda.is_available():
         raise ConfigError("training.device is 'cuda' but no CUDA device is available")
     _check_attention(cfg)
