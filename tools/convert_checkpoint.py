@@ -28,6 +28,7 @@ from pathlib import Path
 import torch
 
 from megatron_lite.config import Config, ConfigError, config_from_dict
+from megatron_lite.models.hf_files import is_hf_dir
 from megatron_lite.models.hf_io import (
     HFCheckpointError,
     SafetensorsReader,
@@ -36,7 +37,6 @@ from megatron_lite.models.hf_io import (
 )
 from megatron_lite.training.checkpoint import CheckpointError
 from megatron_lite.training.convert import (
-    is_hf_dir,
     layout_dims,
     model_from_full_state,
     read_full_state,

@@ -15,13 +15,13 @@ class UnsupportedCheckpointError(ValueError):
 def checkpoint_kind(path: str | os.PathLike) -> str:
     """What ``path`` holds: ``"hf"`` (config.json + safetensors) or ``"training"`` (a checkpoint
     directory written by the trainer, any layout); raises for anything else."""
-    from megatron_lite.models.hf_io import CONFIG_FILE, INDEX_FILE, SINGLE_FILE
+    from megatron_lite.models.hf_files import CONFIG_FILE, INDEX_FILE, SINGLE_FILE, is_hf_dir
     from megatron_lite.training.checkpoint import TRACKER
 
     p = Path(path)
     if not p.is_dir():
         raise UnsupportedCheckpointError(f"{p}: not a directory")
-    if (p / CONFIG_FILE).is_file() and ((p / SINGLE_FILE).is_file() or (p / INDEX_FILE).is_file()):
+    if is_hf_dir(p):
         return "hf"
     if (p / TRACKER).is_file():
         return "training"

@@ -24,6 +24,7 @@ import torch
 import yaml
 
 from megatron_lite.config import Config, ConfigError, ModelConfig, config_from_dict
+from megatron_lite.models.hf_files import is_hf_dir
 from megatron_lite.models.hf_io import (
     SafetensorsReader,
     canonical_names,
@@ -220,14 +221,6 @@ def model_from_full_state(model_cfg: ModelConfig, full: dict[str, torch.Tensor])
     model = build_model(model_cfg, "meta", dtype=torch.float32)
     model.load_state_dict(full, strict=True, assign=True)
     return model
-
-
-def is_hf_dir(path: str | Path) -> bool:
-    """True when ``path`` holds a Hugging Face checkpoint (config.json + safetensors)."""
-    from megatron_lite.models.hf_io import CONFIG_FILE, INDEX_FILE, SINGLE_FILE
-
-    p = Path(path)
-    return (p / CONFIG_FILE).is_file() and ((p / SINGLE_FILE).is_file() or (p / INDEX_FILE).is_file())
 
 
 @torch.no_grad()
