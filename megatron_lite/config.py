@@ -16,6 +16,9 @@ from typing import Any
 
 import yaml
 
+# Tokenizer families ``data.tokenizers.build_tokenizer`` knows (Megatron's names).
+TOKENIZER_TYPES = ("SentencePieceTokenizer", "HuggingFaceTokenizer", "MistralTokenizer", "Llama2Tokenizer")
+
 
 class ConfigError(ValueError):
     """A configuration value is unknown, malformed or inconsistent."""
@@ -100,11 +103,22 @@ class ParallelConfig:
     moe_dispatcher: str = "alltoall"
     num_layers_in_first_stage: int | None = None
     num_layers_in_last_stage: int | None = None
+    # Data parallelism (parallel/grad_buffer.py, training/distributed_optimizer.py): ZeRO-1 sharding
+    # of the AdamW states over dp (reduce-scatter grads, all-gather params), the DP reduction of
+    # gradient buckets launched during the last microbatch's backward, and the bucket size (160 MB
+    # = Megatron's 40M fp32 elements).
+    distributed_optimizer: bool = False
+    overlap_grad_reduce: bool = False
+    grad_bucket_mb: float = 160.0
 
     def validate(self) -> None:
         """Check each degree on its own; layout-vs-world checks live in ``validate_layout``."""
         for name in ("tensor", "pipeline", "virtual_pipeline", "expert"):
             _positive(f"parallel.{name}", getattr(self, name))
+        for name in ("distributed_optimizer", "overlap_grad_reduce"):
+            if not isinstance(getattr(self, name), bool):
+                raise ConfigError(f"parallel.{name} ({getattr(self, name)!r}) must be true or false")
+        _positive("parallel.grad_bucket_mb", self.grad_bucket_mb)
         if self.expert_tensor is not None:
             _positive("parallel.expert_tensor", self.expert_tensor)
         _one_of("parallel.schedule", self.schedule, ("gpipe", "1f1b", "interleaved", "breadth-first"))
@@ -142,6 +156,7 @@ class DataConfig:
             raise ConfigError(f"data.split ({self.split!r}) must be comma-separated numbers") from None
         if len(weights) > 3 or sum(weights) <= 0 or min(weights) < 0:
             raise ConfigError(f"data.split ({self.split!r}) needs 1-3 non-negative weights summing above 0")
+        _one_of("data.tokenizer_type", self.tokenizer_type, TOKENIZER_TYPES)
         if not self.mock and not self.path:
             raise ConfigError("data.path is empty: give a dataset prefix or set data.mock true")
 

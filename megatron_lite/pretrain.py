@@ -6,7 +6,8 @@ Usage::
     torchrun --nproc-per-node N -m megatron_lite.pretrain --config FILE --parallel.tensor T ...
 
 Exit status: 0 done, 2 configuration error (one ``config error: ...`` line, printed before any
-process group or tensor exists), 1 checkpoint or data error (one line naming the file).
+process group or tensor exists), 1 checkpoint or data error (one ``checkpoint error: ...`` or
+``data error: ...`` line naming the file).
 """
 
 from __future__ import annotations
@@ -16,6 +17,7 @@ import sys
 from pathlib import Path
 
 from megatron_lite.config import ConfigError, main_argv_to_config
+from megatron_lite.data.indexed_dataset import DatasetError
 from megatron_lite.training.checkpoint import CheckpointError
 from megatron_lite.training.runtime import check_run_config, env_world_size, init_runtime, shutdown
 from megatron_lite.training.setup import setup_training
@@ -46,8 +48,8 @@ def main(argv: list[str] | None = None) -> int:
     except CheckpointError as exc:
         print(f"checkpoint error: {exc}", file=sys.stderr)
         return 1
-    except FileNotFoundError as exc:
-        print(f"error: {exc}", file=sys.stderr)
+    except (FileNotFoundError, DatasetError) as exc:
+        print(f"data error: {exc}", file=sys.stderr)
         return 1
     finally:
         shutdown(runtime)

@@ -78,6 +78,27 @@ def test_cli_config_error(tmp_path):
     assert out.stderr.count("\n") == 1 and not (tmp_path / "run").exists()
 
 
+def test_cli_data_errors_are_one_line(tmp_path):
+    """A missing or truncated dataset stops the run with one line naming the file."""
+    import numpy as np
+
+    pytest.importorskip("mistral_common")
+    from megatron_lite.data.indexed_dataset import IndexedDatasetBuilder
+
+    with IndexedDatasetBuilder(str(tmp_path / "d"), dtype=np.uint16) as builder:
+        for n in range(20):
+            builder.add_document(np.arange(1, 40 + n) % 250)
+    tokenizer = ["--data.tokenizer_type", "MistralTokenizer", "--data.tokenizer_model", "bundled"]
+    data = ["--model.vocab_size", "32000", "--data.mock", "false", *tokenizer, "--data.path"]
+    missing = pretrain(tmp_path, *data, str(tmp_path / "nope"))
+    idx = (tmp_path / "d.idx").read_bytes()
+    (tmp_path / "d.idx").write_bytes(idx[:60])
+    truncated = pretrain(tmp_path, *data, str(tmp_path / "d"))
+    for out, what in ((missing, "nope.idx"), (truncated, "d.idx: truncated index")):
+        assert out.returncode == 1, out.stderr
+        assert out.stderr.startswith("data error: ") and what in out.stderr and "Traceback" not in out.stderr
+
+
 def test_cli_peak_override_reports_mfu(tmp_path):
     out = pretrain(
         tmp_path,

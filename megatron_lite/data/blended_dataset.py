@@ -14,6 +14,7 @@ import numpy as np
 
 from megatron_lite.data import helpers
 from megatron_lite.data.index_cache import description_hash, load_or_build
+from megatron_lite.data.indexed_dataset import DatasetError
 
 SIZE_MARGIN = 1.005  # each component is asked for 0.5% more samples than its share
 
@@ -107,7 +108,7 @@ class BlendedDataset:
         counts = np.bincount(self.dataset_index, minlength=len(self.datasets))
         for d, (count, ds) in enumerate(zip(counts, self.datasets)):
             if count > len(ds):
-                raise ValueError(f"blend needs {count} samples from dataset {d} which has only {len(ds)}")
+                raise DatasetError(f"blend needs {count} samples from dataset {d} which has only {len(ds)}")
 
     def __len__(self) -> int:
         return self.size

@@ -13,7 +13,7 @@ from megatron_lite.data.gpt_dataset import (
     split_ranges,
 )
 from megatron_lite.data.index_cache import default_cache_dir
-from megatron_lite.data.indexed_dataset import IndexedDataset
+from megatron_lite.data.indexed_dataset import DatasetError, IndexedDataset
 
 
 def _check_args(seq_length: int, num_samples) -> tuple[int, int, int]:
@@ -80,7 +80,7 @@ def build_gpt_datasets(
     if weights is None:
         weights = [float(d.num_tokens) for d in indexed] if len(prefixes) > 1 else [1.0]
         if sum(weights) <= 0:
-            raise ValueError(f"datasets {prefixes} hold no tokens")
+            raise DatasetError(f"datasets {prefixes} hold no tokens")
     split_weights = parse_split(split)
     ranges = [split_ranges(split_weights, len(d)) for d in indexed]
     force_mask = any(loss_mask_prefix(p) is not None for p in prefixes)

@@ -17,7 +17,7 @@ import numpy as np
 
 from megatron_lite.data import helpers
 from megatron_lite.data.index_cache import description_hash, load_or_build
-from megatron_lite.data.indexed_dataset import IndexedDataset, dataset_exists
+from megatron_lite.data.indexed_dataset import DatasetError, IndexedDataset, dataset_exists
 
 SPLIT_NAMES = ("train", "valid", "test")
 INDEX_NAMES = ["document_index", "sample_index", "shuffle_index"]
@@ -61,7 +61,7 @@ def loss_mask_prefix(prefix: str) -> str | None:
 def num_epochs_needed(tokens_per_epoch: int, seq_length: int, num_samples: int) -> int:
     """Smallest epoch count whose tokens give ``num_samples`` samples of ``seq_length + 1``."""
     if tokens_per_epoch <= 0:
-        raise ValueError("the split has no tokens: cannot build samples from it")
+        raise DatasetError("the split has no tokens: cannot build samples from it")
     # (epochs * tokens_per_epoch - 1) // seq_length >= num_samples
     need = num_samples * seq_length + 1
     return max(1, -(-need // tokens_per_epoch))
@@ -133,7 +133,7 @@ class GPTDataset:
         if self.loss_masks is not None and not np.array_equal(
             self.loss_masks.sequence_lengths, self.indexed.sequence_lengths
         ):
-            raise ValueError(f"{mask_prefix}: loss-mask sequence lengths differ from {prefix}")
+            raise DatasetError(f"{mask_prefix}: loss-mask sequence lengths differ from {prefix}")
         self.has_loss_mask = self.loss_masks is not None or force_loss_mask
         self.description = {
             "class": "GPTDataset",

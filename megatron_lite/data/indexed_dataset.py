@@ -41,6 +41,10 @@ DTYPE_CODES: dict[int, type] = {
 _CODE_OF = {np.dtype(t): c for c, t in DTYPE_CODES.items()}
 
 
+class DatasetError(ValueError):
+    """A dataset file is missing, truncated, corrupt or does not fit the run; the message names it."""
+
+
 def optimal_dtype(vocab_size: int) -> type:
     """Token dtype Megatron uses for a vocabulary: uint16 below 65,500 entries, else int32."""
     return np.uint16 if vocab_size is not None and vocab_size < 65500 else np.int32
@@ -110,22 +114,22 @@ class IndexedDataset:
         with open(path, "rb") as f:
             header = f.read(HEADER_SIZE)
         if len(header) < len(MAGIC) or header[: len(MAGIC)] != MAGIC:
-            raise ValueError(
+            raise DatasetError(
                 f"{path}: bad magic {header[: len(MAGIC)]!r}, expected {MAGIC!r} (not an MMIDIDX index)"
             )
         if len(header) < HEADER_SIZE:
-            raise ValueError(f"{path}: truncated index header ({size} bytes, need {HEADER_SIZE})")
+            raise DatasetError(f"{path}: truncated index header ({size} bytes, need {HEADER_SIZE})")
         (version,) = struct.unpack_from("<Q", header, 9)
         if version != VERSION:
-            raise ValueError(f"{path}: unsupported index version {version}, expected {VERSION}")
+            raise DatasetError(f"{path}: unsupported index version {version}, expected {VERSION}")
         (code,) = struct.unpack_from("<B", header, 17)
         if code not in DTYPE_CODES:
-            raise ValueError(f"{path}: unknown dtype code {code} (valid: {sorted(DTYPE_CODES)})")
+            raise DatasetError(f"{path}: unknown dtype code {code} (valid: {sorted(DTYPE_CODES)})")
         self.dtype = np.dtype(DTYPE_CODES[code])
         n_seq, n_doc = struct.unpack_from("<QQ", header, 18)
         need = HEADER_SIZE + 12 * n_seq + 8 * n_doc
         if size < need:
-            raise ValueError(f"{path}: truncated index ({size} bytes, header promises {need})")
+            raise DatasetError(f"{path}: truncated index ({size} bytes, header promises {need})")
         mm = np.memmap(path, mode="r", dtype=np.uint8, shape=(size,)) if size else np.zeros(0, np.uint8)
         buf = memoryview(mm)
         self._idx_mmap = mm
@@ -133,7 +137,7 @@ class IndexedDataset:
         self.sequence_pointers = np.frombuffer(buf, "<i8", n_seq, HEADER_SIZE + 4 * n_seq)  # [S]
         self.document_indices = np.frombuffer(buf, "<i8", n_doc, HEADER_SIZE + 12 * n_seq)  # [D]
         if n_doc == 0 or self.document_indices[0] != 0 or self.document_indices[-1] != n_seq:
-            raise ValueError(f"{path}: corrupt document indices (must run from 0 to {n_seq})")
+            raise DatasetError(f"{path}: corrupt document indices (must run from 0 to {n_seq})")
 
     def _map_data(self) -> None:
         size = os.path.getsize(self._bin_path)
@@ -142,7 +146,7 @@ class IndexedDataset:
         if n:
             need = int(self.sequence_pointers[-1]) + int(self.sequence_lengths[-1]) * self.dtype.itemsize
         if size < need:
-            raise ValueError(f"{self._bin_path}: truncated data file ({size} bytes, index needs {need})")
+            raise DatasetError(f"{self._bin_path}: truncated data file ({size} bytes, index needs {need})")
         self._bin_mmap = (
             np.memmap(self._bin_path, mode="r", dtype=np.uint8) if size else np.zeros(0, np.uint8)
         )

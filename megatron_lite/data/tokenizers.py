@@ -11,7 +11,7 @@ import json
 import os
 from importlib import util as importlib_util
 
-TOKENIZER_TYPES = ("SentencePieceTokenizer", "HuggingFaceTokenizer", "MistralTokenizer", "Llama2Tokenizer")
+from megatron_lite.config import TOKENIZER_TYPES  # one list, also validated by the config
 
 _EOS_CANDIDATES = ("</s>", "<|endoftext|>", "<|end_of_text|>", "<eos>", "<|eot_id|>", "<|im_end|>")
 _BOS_CANDIDATES = ("<s>", "<|begin_of_text|>", "<bos>", "<|startoftext|>")
