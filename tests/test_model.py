@@ -95,6 +95,39 @@ def test_packed_rows_equal_separate_documents():
     assert torch.allclose(out, ref, atol=1e-5)
 
 
+@pytest.mark.parametrize("window", [None, 16])
+def test_flex_block_mask_matches_reference(window):
+    """The FlexAttention mask used on GPU (run eagerly here, forward only) equals the naive reference."""
+    import warnings
+
+    from torch.nn.attention.flex_attention import flex_attention
+
+    from megatron_lite.models.common.attention_backends import _flex_block_mask
+
+    torch.manual_seed(0)
+    b, s = 2, 128  # FlexAttention works in 128-token blocks
+    q, k, v = torch.randn(b, s, 4, 16), torch.randn(b, s, 2, 16), torch.randn(b, s, 2, 16)
+    cu = torch.tensor([0, 20, 128, 130, 256], dtype=torch.int32)  # a 2-token document too
+    block_mask = _flex_block_mask(cu, b, s, window, "cpu")
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore")  # eager flex warns that it is meant to be compiled
+        out = flex_attention(*(t.transpose(1, 2) for t in (q, k, v)), block_mask=block_mask, enable_gqa=True)
+    ref = naive_attention(q, k, v, document_ids(cu, b, s, "cpu"), window)
+    torch.testing.assert_close(out.transpose(1, 2), ref.to(out.dtype), atol=1e-5, rtol=1e-5)
+
+
+def test_masks_are_built_once_per_forward(monkeypatch):
+    from megatron_lite.models.common import attention_backends
+
+    calls = []
+    build = attention_backends._dense_mask
+    monkeypatch.setattr(attention_backends, "_dense_mask", lambda *a: calls.append(1) or build(*a))
+    model = build_model(tiny_cfg(num_layers=3, sliding_window=4), seed=1)
+    tokens = torch.randint(0, 97, (2, 12))
+    model(tokens, cu_seqlens=torch.tensor([0, 5, 12, 24], dtype=torch.int32), max_seqlen=7)
+    assert len(calls) == 1  # three layers, one mask
+
+
 def test_meta_build_allocates_nothing_and_init_is_megatron_style():
     cfg = tiny_cfg(num_layers=4, hidden_size=64, intermediate_size=256, init_std=0.02)
     meta = build_model(cfg, device="meta")

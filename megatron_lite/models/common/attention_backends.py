@@ -17,7 +17,7 @@ from __future__ import annotations
 
 import functools
 import importlib.util
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 
 import torch
 import torch.nn.functional as F
@@ -33,6 +33,15 @@ class AttentionMeta:
     max_seqlen: int | None = None
     window: int | None = None
     backend: str = "auto"
+    # Masks depend only on the packing and the window, not on the layer: built by the first layer
+    # of a forward and reused by the others (FlexAttention block masks are not free to build).
+    masks: dict = field(default_factory=dict, repr=False)
+
+    def mask(self, kind: str, build):
+        """The ``kind`` mask of this forward, built once by ``build()``."""
+        if kind not in self.masks:
+            self.masks[kind] = build()
+        return self.masks[kind]
 
 
 @functools.cache
@@ -84,10 +93,17 @@ def causal_attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, meta: At
     if backend == "sdpa":
         out = F.scaled_dot_product_attention(qt, kt, vt, is_causal=True, enable_gqa=True)
     elif backend == "flex":
-        out = _flex(qt, kt, vt, meta.cu_seqlens, window)
+        b, s = q.shape[:2]
+        block_mask = meta.mask(
+            ("flex", b, s, window), lambda: _flex_block_mask(meta.cu_seqlens, b, s, window, q.device)
+        )
+        out = _compiled_flex()(qt, kt, vt, block_mask=block_mask, enable_gqa=True)
     else:
-        mask = _dense_mask(q.shape[0], q.shape[1], meta.cu_seqlens, window, q.device)  # [b, 1, s, s]
-        out = F.scaled_dot_product_attention(qt, kt, vt, attn_mask=mask, enable_gqa=True)
+        b, s = q.shape[:2]
+        mask = meta.mask(
+            ("dense", b, s, window), lambda: _dense_mask(b, s, meta.cu_seqlens, window, q.device)
+        )
+        out = F.scaled_dot_product_attention(qt, kt, vt, attn_mask=mask, enable_gqa=True)  # mask [b, 1, s, s]
     return out.transpose(1, 2)
 
 
@@ -118,11 +134,11 @@ def _compiled_flex():
     return torch.compile(flex_attention, dynamic=False)
 
 
-def _flex(qt, kt, vt, cu_seqlens, window: int | None) -> torch.Tensor:
+def _flex_block_mask(cu_seqlens, b: int, s: int, window: int | None, device):
+    """FlexAttention block mask: causal, same document, inside the window; no dense s x s tensor."""
     from torch.nn.attention.flex_attention import create_block_mask
 
-    b, _, s, _ = qt.shape
-    doc = document_ids(cu_seqlens, b, s, qt.device)  # [b, s]
+    doc = document_ids(cu_seqlens, b, s, device)  # [b, s]
 
     def mask_mod(bi, hi, qi, ki):
         keep = (qi >= ki) & (doc[bi, qi] == doc[bi, ki])
@@ -130,8 +146,7 @@ def _flex(qt, kt, vt, cu_seqlens, window: int | None) -> torch.Tensor:
             keep = keep & (qi - ki < window)
         return keep
 
-    block_mask = create_block_mask(mask_mod, b, None, s, s, device=qt.device)
-    return _compiled_flex()(qt, kt, vt, block_mask=block_mask, enable_gqa=True)
+    return create_block_mask(mask_mod, b, None, s, s, device=device)
 
 
 def _flash(q, k, v, cu_seqlens, max_seqlen, window: int | None) -> torch.Tensor:
