@@ -7,8 +7,9 @@ Rules (by canonical name, from ``model.parallel_state``):
 KV rows replicated over tp (nkv < tp) are already summed in backward by the layer itself.
 
 Gradients are SUMMED, not averaged: the loss is normalised by the global token count
-(see ``cross_entropy.loss_fn``). ``allreduce_gradients`` is the stand-in until the data-parallel
-grad buffers replace it; ``grad_reduce_groups`` is the rule they should use.
+(see ``cross_entropy.loss_fn``). ``allreduce_gradients`` reduces everything after the backward
+when ``parallel.overlap_grad_reduce`` and ``parallel.distributed_optimizer`` are off; otherwise the
+gradient buffers of ``grad_buffer`` reduce bucket by bucket with the same ``grad_reduce_groups``.
 """
 
 from __future__ import annotations

@@ -5,13 +5,16 @@ Layout (names follow Megatron's so tools recognise them)::
     <dir>/latest_checkpointed_iteration.txt      "N", replaced atomically after the rename
     <dir>/iter_000000N/config.yaml               the run's resolved config (for humans)
     <dir>/iter_000000N/mp_rank_XX[_PPP][_EEE]/model_optim_rng.pt
+    <dir>/iter_000000N/mp_rank_XX[_PPP][_EEE]/distrib_optim_dpDDD.pt   (distributed optimizer only)
     <dir>/iter_000000N/rng/rank_RRRRR.pt         every rank's RNG states
 
 ``model_optim_rng.pt`` holds the local model's state dict under canonical parameter names (with
 tensor/expert parallelism: this rank's shards; resharding is a separate tool), the optimizer,
 scheduler and loss-scaler states, the iteration and the consumed sample counts. Exactly one rank
 writes each distinct shard set: the lowest rank with the same (tp, etp, ep, pp) coordinates, as
-data-parallel replicas hold identical states.
+data-parallel replicas hold identical states. With the distributed optimizer they do not: the
+shard writer's file holds only the optimizer's layout, and every rank writes its own AdamW shard as
+``distrib_optim_dp{dp rank:03d}.pt`` in its shard directory (``DistributedOptimizer``).
 """
 
 from __future__ import annotations
@@ -30,6 +33,7 @@ from megatron_lite.parallel.dims import ParallelDims
 
 TRACKER = "latest_checkpointed_iteration.txt"
 MODEL_FILE = "model_optim_rng.pt"
+DISTRIB_OPTIM_FILE = "distrib_optim_dp{:03d}.pt"
 
 
 class CheckpointError(RuntimeError):
@@ -174,12 +178,20 @@ def save(
             "extra": extra or {},
         }
         atomic_save(state, tmp / shard_name(dims, rank) / MODEL_FILE)
+    if hasattr(optimizer, "sharded_state_dict"):  # distributed optimizer: every dp rank's own shard
+        (tmp / shard_name(dims, rank)).mkdir(exist_ok=True)
+        atomic_save(optimizer.sharded_state_dict(), distrib_optim_path(tmp, dims, rank))
     atomic_save(rng_state(), tmp / "rng" / f"rank_{rank:05d}.pt")
     barrier()
     if rank == 0:
         publish(tmp, final, root, iteration)
     barrier()
     return final
+
+
+def distrib_optim_path(iter_dir: Path, dims: ParallelDims, rank: int) -> Path:
+    """``<iter_dir>/<shard name>/distrib_optim_dp{dp:03d}.pt``: one rank's distributed-optimizer shard."""
+    return iter_dir / shard_name(dims, rank) / DISTRIB_OPTIM_FILE.format(dims.coords(rank).dp)
 
 
 def publish(tmp: Path, final: Path, root: Path, iteration: int) -> None:
@@ -261,15 +273,23 @@ def load(
     rank = dims.rank or 0
     path = iteration_dir(root, iteration) / shard_name(dims, rank) / MODEL_FILE
     state = read_state(path)
+    saved_optim = state["optimizer"]
     try:
         model.load_state_dict(state["model"], strict=True)
-        if optimizer is not None and state["optimizer"] is not None:  # None: a model-only checkpoint
-            optimizer.load_state_dict(state["optimizer"])
+        if optimizer is not None and saved_optim is not None:  # None: a model-only checkpoint
+            if "distributed_optimizer" in saved_optim and not hasattr(optimizer, "load_sharded_state_dict"):
+                raise ValueError(
+                    "the optimizer state was written with parallel.distributed_optimizer true; resume "
+                    "with it (and the same data-parallel size)"
+                )
+            optimizer.load_state_dict(saved_optim)
         if scheduler is not None and state["scheduler"] is not None:
             scheduler.load_state_dict(state["scheduler"])
     except (KeyError, RuntimeError, ValueError) as exc:
         reason = str(exc).strip().splitlines()[0]
         raise CheckpointError(f"checkpoint file {path} does not fit this run: {reason}") from None
+    if optimizer is not None and saved_optim is not None and hasattr(optimizer, "load_sharded_state_dict"):
+        _load_optimizer_shard(iteration_dir(root, iteration), optimizer, dims, rank)
     rng_path = iteration_dir(root, iteration) / "rng" / f"rank_{rank:05d}.pt"
     if rng_path.is_file():  # absent when resuming on another world size: keep the fresh seeds
         set_rng_state(read_state(rng_path))
@@ -278,3 +298,14 @@ def load(
         "consumed_samples": int(state["consumed_samples"]),
         "extra": state.get("extra", {}),
     }
+
+
+def _load_optimizer_shard(iter_dir: Path, optimizer, dims: ParallelDims, rank: int) -> None:
+    """Load this rank's ``distrib_optim_dpDDD.pt`` into the distributed optimizer."""
+    path = distrib_optim_path(iter_dir, dims, rank)
+    state = read_state(path)  # CheckpointError naming the file when missing or unreadable
+    try:
+        optimizer.load_sharded_state_dict(state)
+    except (KeyError, RuntimeError, ValueError) as exc:
+        reason = str(exc).strip().splitlines()[0]
+        raise CheckpointError(f"checkpoint file {path} does not fit this run: {reason}") from None

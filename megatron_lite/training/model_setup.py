@@ -108,6 +108,8 @@ SAVED_OPS = _op_set(
         "_flash_attention_forward",
         "_efficient_attention_forward",
     )
+) | frozenset(  # FlexAttention is a higher-order op, not an aten one
+    getattr(torch.ops.higher_order, n) for n in ("flex_attention",) if hasattr(torch.ops.higher_order, n)
 )
 
 
@@ -140,13 +142,19 @@ def masked_loss_sum(
     return (losses.view(b, s) * loss_mask.to(losses.dtype)).sum()
 
 
-def reduce_gradients(model: nn.Module, runtime: Runtime) -> None:
+def reduce_gradients(model: nn.Module, runtime: Runtime, grad_sync=None) -> None:
     """SUM gradients over data-parallel replicas (and tp-partial ones over tp); no-op on one process.
 
-    With pipeline parallelism, the tied embedding's gradient is then summed over its two copies
-    (first and last stage).
+    With gradient buffers (``grad_sync``, a ``parallel.grad_buffer.GradSync``) this completes their
+    bucketed (possibly overlapped, possibly reduce-scattered) reduction instead. With pipeline
+    parallelism, the tied embedding's gradient is then summed over its two copies (first and last
+    stage).
     """
-    if runtime.distributed:
+    if grad_sync is not None:
+        grad_sync.finish_grad_sync()
+        if runtime.distributed:
+            allreduce_embedding_grads(model, runtime.dims)
+    elif runtime.distributed:
         from megatron_lite.parallel.grads import allreduce_gradients
 
         allreduce_gradients(model, runtime.dims)
@@ -169,7 +177,9 @@ def grad_norm_groups(model: nn.Module, runtime: Runtime) -> list[NormGroup]:
         return [NormGroup(params, None)]
     dims, coords = runtime.dims, runtime.dims.local
     dense = NormGroup(all_reduce=_reducer(dims.group("mp")))
-    expert = NormGroup(all_reduce=_reducer(dims.group("etp_ep"), dims.group("pp") if dims.pp > 1 else None))
+    expert = NormGroup(
+        all_reduce=_reducer(dims.group("etp_ep"), dims.group("pp") if dims.pp > 1 else None), dp_group="edp"
+    )
     for name, param in model.named_parameters():
         if not param.requires_grad or is_tied_embedding_copy(model, name, dims.pp):
             continue

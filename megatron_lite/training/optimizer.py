@@ -48,7 +48,11 @@ def build_optimizer(model: nn.Module, opt_cfg) -> torch.optim.Optimizer:
 
     The learning rate here is only a placeholder: the scheduler sets it before every step.
     """
-    groups = param_groups(model.named_parameters(), opt_cfg.weight_decay)
+    return make_adamw(param_groups(model.named_parameters(), opt_cfg.weight_decay), opt_cfg)
+
+
+def make_adamw(groups: list[dict], opt_cfg) -> torch.optim.Optimizer:
+    """AdamW over ready-made param groups: apex FusedAdam on CUDA, else torch fused, else foreach."""
     kwargs = dict(lr=opt_cfg.lr, betas=(opt_cfg.beta1, opt_cfg.beta2), eps=opt_cfg.eps)
     devices = {p.device.type for g in groups for p in g["params"]}
     fused_adam = _apex_fused_adam() if devices == {"cuda"} else None
@@ -70,11 +74,14 @@ class NormGroup:
             parameters; ``None`` on one process.
         row_weights: ``id(param) -> [rows]`` weights of each dim-0 row's squared sum, for tensors
             whose rows are partly held by several ranks of the group (weight ``1 / replicas``).
+        dp_group: the data-parallel group over which the distributed optimizer shards these
+            parameters' gradients (``dp`` for dense, ``edp`` for expert parameters).
     """
 
     params: list[torch.Tensor] = field(default_factory=list)
     all_reduce: Callable[[torch.Tensor], None] | None = None
     row_weights: dict[int, torch.Tensor] = field(default_factory=dict)
+    dp_group: str = "dp"
 
 
 def global_grad_norm(groups: Sequence[NormGroup], device: torch.device | str) -> torch.Tensor:

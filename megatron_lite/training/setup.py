@@ -9,10 +9,11 @@ from megatron_lite.config import Config
 from megatron_lite.training import checkpoint, metrics
 from megatron_lite.training.convert import load_initial_weights
 from megatron_lite.training.data import BatchStream, build_datasets
+from megatron_lite.training.distributed_optimizer import build_data_parallel
 from megatron_lite.training.logging import MetricWriters
 from megatron_lite.training.lr_schedule import build_scheduler
 from megatron_lite.training.model_setup import build_local_model
-from megatron_lite.training.optimizer import DynamicLossScaler, build_optimizer
+from megatron_lite.training.optimizer import DynamicLossScaler
 from megatron_lite.training.runtime import Runtime
 from megatron_lite.training.trainer import Trainer
 
@@ -35,7 +36,7 @@ def setup_training(cfg: Config, runtime: Runtime, log: Callable[[str], None] = p
     """
     say = log if runtime.is_logging_rank else (lambda _line: None)
     model = build_local_model(cfg, runtime)
-    optimizer = build_optimizer(model, cfg.optimizer)
+    grad_sync, optimizer = build_data_parallel(model, cfg, runtime.dims)
     scheduler = build_scheduler(optimizer, cfg.optimizer, cfg.training.train_iters)
     scaler = DynamicLossScaler(runtime.precision == "fp16")
     iteration, consumed, consumed_valid, state = 0, 0, 0, None
@@ -81,6 +82,7 @@ def setup_training(cfg: Config, runtime: Runtime, log: Callable[[str], None] = p
         scaler=scaler,
         writers=writers,
         log=log,
+        grad_sync=grad_sync,
     )
 
 

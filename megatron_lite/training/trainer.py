@@ -126,6 +126,8 @@ class Trainer:
         scaler: fp16 loss scaler (disabled otherwise).
         writers: TensorBoard/wandb writers.
         log: where lines go (print on the logging rank).
+        grad_sync: the model's data-parallel gradient buffers (``parallel.grad_buffer.GradSync``), or
+            None to reduce with ``allreduce_gradients`` after the backward.
     """
 
     def __init__(
@@ -141,6 +143,7 @@ class Trainer:
         scaler: DynamicLossScaler | None = None,
         writers: MetricWriters | None = None,
         log: Callable[[str], None] = print,
+        grad_sync=None,
     ):
         self.cfg, self.runtime, self.model = cfg, runtime, model
         self.optimizer, self.scheduler = optimizer, scheduler
@@ -151,6 +154,10 @@ class Trainer:
         self._log = log if runtime.is_logging_rank else (lambda _line: None)
         self.params = [p for p in model.parameters() if p.requires_grad]
         self.norm_groups = grad_norm_groups(model, runtime)
+        self.grad_sync = grad_sync
+        if hasattr(optimizer, "shard_norm_groups"):  # distributed optimizer: a rank holds 1/dp of each grad
+            self.norm_groups = optimizer.shard_norm_groups(self.norm_groups)
+            self.params = optimizer.shard_params
         self.flops_per_token = metrics.flops_per_token(cfg.model, cfg.data.seq_length)
         self.peak = metrics.device_peak_tflops(runtime.device, cfg.logging.peak_tflops)
         self.is_moe = bool(getattr(model, "moe_layers", list)())
@@ -163,7 +170,10 @@ class Trainer:
     def train_step(self, microbatches: list) -> StepResult:
         """Forward/backward all microbatches, reduce, clip, step (or skip on a non-finite norm)."""
         rt = self.runtime
-        self.optimizer.zero_grad(set_to_none=True)
+        if self.grad_sync is not None:
+            self.grad_sync.start_step(len(microbatches))  # zero; arm the overlap hooks
+        else:
+            self.optimizer.zero_grad(set_to_none=True)
         num_tokens = sum(b.loss_mask.sum() for b in microbatches).to(torch.float32).reshape(1)
         num_tokens = float(rt.all_reduce_dp(num_tokens))
         loss_weight = 1.0 / max(num_tokens, 1.0)
@@ -171,7 +181,7 @@ class Trainer:
             loss_sum = self.pipeline.forward_backward(microbatches, loss_weight, self.scaler.scale)
         else:
             loss_sum = forward_backward(self.model, microbatches, rt, loss_weight, self.scaler.scale)
-        reduce_gradients(self.model, rt)
+        reduce_gradients(self.model, rt, self.grad_sync)
         self.scaler.unscale_(self.params)
         grad_norm = clip_grads(self.norm_groups, self.cfg.optimizer.clip_grad, rt.device, self.params)
         lr = self.scheduler.lr

@@ -1,0 +1,339 @@
+"""Data-parallel gradient buffers: contiguous fp32 gradients, reduced bucket by bucket.
+
+Parameters are grouped by their reduction rule (``grads.grad_reduce_groups``: dense params over
+``dp``, expert params over ``edp``, tp-partial ones over ``tp`` first). Each group gets one flat
+fp32 buffer and every parameter's ``.grad`` is a view into it, so autograd accumulates the
+microbatches in place and a bucket is reduced with one collective, no copy in or out.
+
+Layout: parameters are placed in REVERSE ``named_parameters`` order, the order backward produces
+their gradients (the head first, the embedding last), and the buffer is cut into buckets of about
+``parallel.grad_bucket_mb``: a bucket is closed once it holds that much, at a pipeline-chunk
+boundary (a chunk's backward ends before the next one's starts under breadth-first), and around a
+tied embedding (its own bucket, so the first and the last stage shard it identically). Each bucket
+is padded to a multiple of ``dp * 128`` elements so it splits into equal, aligned shards.
+
+Reduction: SUM (the loss is divided by the global token count). Without sharding a bucket is
+all-reduced over its dp group; with the distributed optimizer it is reduce-scattered and rank r
+keeps shard r (``shard_range``), the rest of its copy is stale. Buckets of tp-partial parameters
+are reduced over dp, then their (shard of the) sum is all-reduced over tp at ``finish_grad_sync``:
+both are sums, so the order does not matter, and those buckets are small (norms, routers).
+
+Overlap (``parallel.overlap_grad_reduce``): a post-accumulate-grad hook counts, per parameter,
+the backward passes of the step. The number of microbatches is known at ``start_step``, so a
+parameter is final when its count reaches it: this happens in the last microbatch's backward of
+its own chunk, whatever the pipeline schedule. A bucket launches its async collective once all its
+parameters are final AND every earlier bucket of its buffer has launched: all ranks of a dp group
+then issue the same collectives in the same order even when a parameter (an expert without
+tokens) gets no gradient on some rank. Such a bucket, and everything after it, is launched by
+``finish_grad_sync``, which then waits for all of them.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Collection
+from dataclasses import dataclass, field
+
+import torch
+import torch.distributed as dist
+from torch import nn
+
+from megatron_lite.parallel.grads import grad_reduce_groups
+
+# torch 2.13 renamed the single-tensor collectives; keep working on older releases too.
+_all_gather_single = getattr(dist, "all_gather_single", None) or dist.all_gather_into_tensor
+_reduce_scatter_single = getattr(dist, "reduce_scatter_single", None) or dist.reduce_scatter_tensor
+
+SHARD_ALIGN = 128  # elements: every shard starts 512-byte aligned (what NCCL likes)
+
+
+def mb_to_elements(megabytes: float) -> int:
+    """fp32 elements in ``megabytes`` MiB (at least 1)."""
+    return max(1, int(megabytes * 2**20) // 4)
+
+
+@dataclass
+class Bucket:
+    """A contiguous run ``[start, end)`` of a buffer, reduced by one collective.
+
+    ``ranges[i]`` is ``[start, end)`` of ``params[i]`` in buffer coordinates (padding at the end).
+    """
+
+    index: int
+    start: int
+    end: int
+    params: list[nn.Parameter] = field(default_factory=list)
+    names: list[str] = field(default_factory=list)
+    ranges: list[tuple[int, int]] = field(default_factory=list)
+    waiting: int = 0  # parameters whose final gradient of the step has not arrived
+    work: object = None  # the async collective's handle, None before launch / on one rank
+    launched: bool = False
+    in_backward: bool = False  # launched by a hook (before finish_grad_sync)
+    early: bool = False  # launched while a later bucket still waited for gradients (overlap)
+
+
+class GradBuffer:
+    """One flat fp32 gradient buffer for the parameters sharing one reduction rule.
+
+    Args:
+        groups: ``grad_reduce_groups`` of these params, e.g. ``("dp",)``, ``("edp",)``, ``("tp", "dp")``.
+        named_params: ``(canonical name, param)`` in buffer order (reverse of the model's order).
+        dims: the ``ParallelDims`` (process groups).
+        bucket_elems: close a bucket once it holds at least this many elements.
+        shard: reduce-scatter (distributed optimizer) instead of all-reduce.
+        own_bucket: names that get a bucket of their own (tied embedding copies).
+        chunk_of: ``id(param) -> pipeline chunk``; a bucket never spans two chunks.
+    """
+
+    def __init__(
+        self,
+        groups: tuple[str, ...],
+        named_params: list[tuple[str, nn.Parameter]],
+        dims,
+        bucket_elems: int,
+        shard: bool,
+        own_bucket: Collection[str] = (),
+        chunk_of: dict[int, int] | None = None,
+    ):
+        self.groups, self.shard = tuple(groups), shard
+        self.dp_name, self.partial = self.groups[-1], self.groups[:-1]
+        self.dp_group = dims.group(self.dp_name)
+        self.dp_size = dist.get_world_size(self.dp_group) if self.dp_group is not None else 1
+        self.dp_rank = dist.get_rank(self.dp_group) if self.dp_group is not None else 0
+        self.partial_groups = [dims.group(g) for g in self.partial]
+        device = named_params[0][1].device
+        self.buckets = _layout(named_params, bucket_elems, self.dp_size * SHARD_ALIGN, own_bucket, chunk_of)
+        self.data = torch.zeros(self.buckets[-1].end, dtype=torch.float32, device=device)  # [numel]
+        self.next_launch = 0
+
+    @property
+    def overlappable(self) -> bool:
+        """tp-partial buffers are reduced synchronously in ``finish_grad_sync``."""
+        return not self.partial
+
+    def attach_grads(self) -> None:
+        """Point every parameter's ``.grad`` at its slice of the buffer."""
+        for bucket in self.buckets:
+            for param, (start, end) in zip(bucket.params, bucket.ranges):
+                param.grad = self.data[start:end].view_as(param)
+
+    def shard_range(self, bucket: Bucket) -> tuple[int, int]:
+        """``[start, end)`` (buffer coordinates) of the shard this rank owns after reduce-scatter."""
+        size = (bucket.end - bucket.start) // self.dp_size
+        start = bucket.start + self.dp_rank * size
+        return start, start + size
+
+    def reset(self) -> None:
+        """Forget last step's collectives (the gradients are zeroed separately)."""
+        self.next_launch = 0
+        for bucket in self.buckets:
+            bucket.waiting, bucket.work = len(bucket.params), None
+            bucket.launched = bucket.in_backward = bucket.early = False
+
+    def launch_ready(self) -> None:
+        """From a hook: launch, in bucket order, every bucket whose gradients are all final."""
+        while self.next_launch < len(self.buckets) and self.buckets[self.next_launch].waiting == 0:
+            self._launch(self.buckets[self.next_launch], in_backward=True)
+
+    def _launch(self, bucket: Bucket, in_backward: bool) -> None:
+        data = self.data[bucket.start : bucket.end]  # [bucket numel]
+        if self.dp_size > 1:
+            if self.shard:
+                start, end = self.shard_range(bucket)
+                shard = self.data[start:end]  # a view of ``data``: reduce-scatter in place
+                bucket.work = _reduce_scatter_single(shard, data, group=self.dp_group, async_op=True)
+            else:
+                bucket.work = dist.all_reduce(data, group=self.dp_group, async_op=True)
+        bucket.launched, bucket.in_backward = True, in_backward
+        bucket.early = in_backward and any(b.waiting for b in self.buckets[bucket.index + 1 :])
+        self.next_launch = bucket.index + 1
+
+    def finish(self) -> None:
+        """Launch what the hooks did not, wait for everything, then sum tp-partial grads over tp."""
+        for bucket in self.buckets[self.next_launch :]:
+            self._launch(bucket, in_backward=False)
+        for bucket in self.buckets:
+            if bucket.work is not None:
+                bucket.work.wait()
+                bucket.work = None
+        for group in self.partial_groups:
+            if group is None or dist.get_world_size(group) == 1:
+                continue
+            for bucket in self.buckets:
+                start, end = self.shard_range(bucket) if self.shard else (bucket.start, bucket.end)
+                dist.all_reduce(self.data[start:end], group=group)
+
+    @torch.no_grad()
+    def all_gather_params(self) -> None:
+        """After a sharded step: give every dp rank the parameters the others updated.
+
+        The gradient buffer is the staging area (its gradients are spent until the next
+        ``reset``), so no parameter-sized buffer is allocated: each rank writes its updated shard
+        into it, an in-place all-gather completes every bucket, and the params copy it back.
+        """
+        if self.dp_size == 1:
+            return  # the shard is the whole bucket: the step already updated every element
+        works = []
+        for bucket in self.buckets:
+            lo, hi = self.shard_range(bucket)
+            for param, (start, end) in zip(bucket.params, bucket.ranges):
+                a, b = max(lo, start), min(hi, end)
+                if a < b:
+                    self.data[a:b].copy_(param.view(-1)[a - start : b - start])
+            data = self.data[bucket.start : bucket.end]
+            works.append(_all_gather_single(data, self.data[lo:hi], group=self.dp_group, async_op=True))
+        for bucket, work in zip(self.buckets, works):
+            work.wait()
+            for param, (start, end) in zip(bucket.params, bucket.ranges):
+                param.view(-1).copy_(self.data[start:end])
+
+
+def _layout(named_params, bucket_elems, pad_multiple, own_bucket, chunk_of) -> list[Bucket]:
+    """Cut ``named_params`` (buffer order) into buckets; see the module docstring for the rules."""
+    buckets: list[Bucket] = []
+    offset, current, prev_chunk, prev_own = 0, None, None, False
+    chunk_of = chunk_of or {}
+    for name, param in named_params:
+        chunk, own = chunk_of.get(id(param)), name in own_bucket
+        full = current is not None and current.end - current.start >= bucket_elems
+        if current is None or full or own or prev_own or chunk != prev_chunk:
+            if current is not None:
+                offset = _close(current, pad_multiple)
+            current = Bucket(index=len(buckets), start=offset, end=offset)
+            buckets.append(current)
+        n = param.numel()
+        current.params.append(param)
+        current.names.append(name)
+        current.ranges.append((current.end, current.end + n))
+        current.end += n
+        prev_chunk, prev_own = chunk, own
+    _close(current, pad_multiple)
+    return buckets
+
+
+def _close(bucket: Bucket, pad_multiple: int) -> int:
+    size = bucket.end - bucket.start
+    bucket.end = bucket.start + -(-size // pad_multiple) * pad_multiple
+    return bucket.end
+
+
+class GradSync:
+    """Every gradient buffer of a model, the hooks, and the per-step protocol the trainer follows.
+
+    ``start_step(num_microbatches)`` before the first forward; backward(s); ``finish_grad_sync()``
+    before clipping (then the tied-embedding all-reduce). With ``shard`` each rank's reduced
+    gradients are only its shards (``GradBuffer.shard_range``), which the distributed optimizer
+    steps and ``all_gather_params`` redistributes.
+
+    Args:
+        model: the local model (fp32 parameters; ``model.parallel_state`` when parallelized).
+        dims: the ``ParallelDims``.
+        bucket_mb: bucket size in MiB of fp32 gradients.
+        overlap: launch each bucket's collective from the backward hooks.
+        shard: reduce-scatter for the distributed optimizer.
+        own_bucket: canonical names that get a bucket of their own (tied embedding under pp).
+        chunk_of: ``id(param) -> pipeline chunk`` (buckets do not span chunks).
+    """
+
+    def __init__(
+        self,
+        model: nn.Module,
+        dims,
+        bucket_mb: float,
+        overlap: bool = False,
+        shard: bool = False,
+        own_bucket: Collection[str] = (),
+        chunk_of: dict[int, int] | None = None,
+    ):
+        self.overlap, self.shard = overlap, shard
+        by_rule: dict[tuple[str, ...], list[tuple[str, nn.Parameter]]] = {}
+        for name, param in reversed(list(model.named_parameters())):
+            if not param.requires_grad:
+                continue
+            if param.dtype != torch.float32 or not param.is_contiguous():
+                raise ValueError(f"{name}: gradient buffers need contiguous fp32 parameters")
+            by_rule.setdefault(grad_reduce_groups(model, name), []).append((name, param))
+        # Same names on every rank of a dp group -> same buffers, buckets and collective order.
+        elems = mb_to_elements(bucket_mb)
+        self.buffers = [
+            GradBuffer(groups, named, dims, elems, shard, own_bucket, chunk_of)
+            for groups, named in by_rule.items()
+        ]
+        self._expected, self._armed = 1, False
+        self._counts: dict[int, int] = {}
+        self._handles = []
+        if overlap:
+            for buffer in self.buffers:
+                if not buffer.overlappable:
+                    continue
+                for bucket in buffer.buckets:
+                    for param in bucket.params:
+                        hook = _Hook(self, buffer, bucket)
+                        self._handles.append(param.register_post_accumulate_grad_hook(hook))
+        self.start_step(1)
+        self._armed = False  # until the trainer starts a step
+
+    def zero_grad(self) -> None:
+        """Zero every buffer and (re)attach the ``.grad`` views (an optimizer may have set them to None)."""
+        for buffer in self.buffers:
+            buffer.data.zero_()
+            buffer.attach_grads()
+
+    def start_step(self, num_microbatches: int) -> None:
+        """Zero the gradients; each parameter will see ``num_microbatches`` backward passes."""
+        self.zero_grad()
+        for buffer in self.buffers:
+            buffer.reset()
+        self._counts.clear()
+        self._expected, self._armed = num_microbatches, self.overlap
+
+    def _on_grad(self, buffer: GradBuffer, bucket: Bucket, param: nn.Parameter) -> None:
+        if not self._armed:
+            return  # a backward outside a training step (tests, tools): just accumulate
+        key = id(param)
+        self._counts[key] = self._counts.get(key, 0) + 1
+        if self._counts[key] == self._expected:
+            bucket.waiting -= 1
+            if bucket.waiting == 0:
+                buffer.launch_ready()
+
+    def finish_grad_sync(self) -> None:
+        """Complete every reduction (async buffers first, in order, then the tp-partial ones)."""
+        self._armed = False
+        for buffer in sorted(self.buffers, key=lambda b: not b.overlappable):
+            buffer.finish()
+
+    def all_gather_params(self) -> None:
+        """After a sharded optimizer step: every dp rank gets the whole updated parameters."""
+        for buffer in self.buffers:
+            buffer.all_gather_params()
+
+    def stats(self) -> dict[str, int]:
+        """The last step's overlappable (not tp-partial) buckets.
+
+        Returns:
+            ``buckets``: how many; ``launched_in_backward``: launched by a hook, before
+            ``finish_grad_sync``; ``launched_early``: of those, launched while a later bucket of
+            the same buffer still waited for gradients (communication overlapping computation).
+        """
+        buckets = [b for buffer in self.buffers if buffer.overlappable for b in buffer.buckets]
+        return {
+            "buckets": len(buckets),
+            "launched_in_backward": sum(b.in_backward for b in buckets),
+            "launched_early": sum(b.early for b in buckets),
+        }
+
+    def remove_hooks(self) -> None:
+        """Detach the backward hooks (the buffers stay attached)."""
+        for handle in self._handles:
+            handle.remove()
+        self._handles = []
+
+
+class _Hook:
+    """Post-accumulate-grad hook of one parameter (a class, so it holds no closure cell)."""
+
+    def __init__(self, sync: GradSync, buffer: GradBuffer, bucket: Bucket):
+        self.sync, self.buffer, self.bucket = sync, buffer, bucket
+
+    def __call__(self, param: nn.Parameter) -> None:
+        self.sync._on_grad(self.buffer, self.bucket, param)

@@ -1,0 +1,244 @@
+"""The distributed optimizer (ZeRO-1): AdamW states sharded over data parallelism.
+
+``parallel.distributed_optimizer true``: the gradient buffers (``parallel.grad_buffer``) are
+reduce-scattered, so after ``finish_grad_sync`` data-parallel rank r holds the summed gradients of
+shard r of every bucket (dense buckets over ``dp``, expert buckets over ``edp``). Each rank keeps
+AdamW states for its shards only and steps them; the buckets are then all-gathered so every
+replica holds the whole updated parameters again. Memory per parameter: 4 (fp32 param) + 4 (grad
+buffer) + 8 / dp (Adam moments) bytes instead of 16.
+
+Parameters are fp32 master weights (``training.runtime``), so a shard's "main parameter" is a
+view of the model parameter itself (``param.view(-1)[lo:hi]``) and its gradient a view of the
+buffer: no copy either way. A shard piece keeps its parameter's weight-decay rule (Megatron's: no
+decay for biases and 1-D parameters), and the inner optimizer is the plain one's AdamW
+(``optimizer.make_adamw``), so the update of every element is the one the plain optimizer makes;
+the LR scheduler drives it through ``param_groups``.
+
+Gradient clipping sees each rank's shards: ``shard_norm_groups`` turns the trainer's norm groups
+(tp/pp/ep rules of ``grad_norm_groups``) into groups of shard pieces whose squared sums are also
+added over the group's dp (or edp) group, so every element of a reduced gradient counts once.
+
+Checkpoints (``training.checkpoint``): the shard writer's ``model_optim_rng.pt`` holds only the
+layout (``state_dict``); every rank writes its own shard (``sharded_state_dict``) as
+``distrib_optim_dp{dp_rank:03d}.pt`` next to it. Loading needs the same data-parallel sizes and
+bucket layout; anything else is refused with the numbers.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+import torch
+import torch.distributed as dist
+from torch import nn
+
+from megatron_lite.parallel.grad_buffer import GradSync
+from megatron_lite.pipeline.stages import TIED_EMBEDDING, model_chunks
+from megatron_lite.training.optimizer import NormGroup, build_optimizer, make_adamw, no_weight_decay
+
+
+@dataclass
+class ShardPiece:
+    """The part ``[lo, hi)`` (flattened) of one parameter that this rank's shards cover."""
+
+    name: str
+    param: nn.Parameter
+    lo: int
+    hi: int
+    dp_group: str  # "dp" or "edp"
+    shard: nn.Parameter  # param.view(-1)[lo:hi] (same storage); .grad is a view of the grad buffer
+
+
+class DistributedOptimizer:
+    """AdamW over this rank's shards of a ``GradSync(shard=True)``, then an all-gather of the params.
+
+    Args:
+        grad_sync: the model's gradient buffers, built with ``shard=True``.
+        opt_cfg: ``OptimizerConfig`` (betas, eps, weight decay; the lr is set by the scheduler).
+        dims: the ``ParallelDims`` (the dp/edp groups of the clipping norm).
+    """
+
+    def __init__(self, grad_sync: GradSync, opt_cfg, dims):
+        if not grad_sync.shard:
+            raise ValueError("DistributedOptimizer needs gradient buffers built with shard=True")
+        self.grad_sync, self.dims = grad_sync, dims
+        self.pieces = _shard_pieces(grad_sync)
+        self.shard_params = [piece.shard for piece in self.pieces]
+        decay = [p.shard for p in self.pieces if not no_weight_decay(p.name, p.param)]
+        plain = [p.shard for p in self.pieces if no_weight_decay(p.name, p.param)]
+        groups = [
+            {"params": decay, "weight_decay": opt_cfg.weight_decay},
+            {"params": plain, "weight_decay": 0.0},
+        ]
+        groups = [g for g in groups if g["params"]]
+        if not groups:  # every shard of this rank is padding: keep one (empty) group for the scheduler
+            groups = [{"params": [nn.Parameter(torch.zeros(0))], "weight_decay": 0.0}]
+        self.optimizer = make_adamw(groups, opt_cfg)
+
+    @property
+    def param_groups(self) -> list[dict]:
+        """The inner AdamW's groups (the LR scheduler writes ``lr`` into them)."""
+        return self.optimizer.param_groups
+
+    def zero_grad(self, set_to_none: bool = True) -> None:
+        """Zero the gradient buffers (the ``.grad`` views stay attached whatever ``set_to_none``)."""
+        self.grad_sync.zero_grad()
+
+    @torch.no_grad()
+    def step(self) -> None:
+        """Step this rank's shards, then all-gather every bucket's parameters over dp (edp)."""
+        self.optimizer.step()
+        self.grad_sync.all_gather_params()
+
+    def shard_norm_groups(self, groups: list[NormGroup]) -> list[NormGroup]:
+        """The trainer's norm groups over this rank's shard pieces, also summed over their dp group.
+
+        A parameter left out of ``groups`` on this rank (a tp replica, the last stage's tied
+        embedding copy) stays out; row weights (KV rows replicated over tp) become element weights.
+        """
+        by_param: dict[int, list[ShardPiece]] = {}
+        for piece in self.pieces:
+            by_param.setdefault(id(piece.param), []).append(piece)
+        out = []
+        for group in groups:
+            reduce = _then(group.all_reduce, self.dims.group(group.dp_group))
+            new = NormGroup(all_reduce=reduce, dp_group=group.dp_group)
+            for param in group.params:
+                for piece in by_param.get(id(param), []):
+                    if piece.dp_group != group.dp_group:
+                        raise ValueError(
+                            f"{piece.name}: norm group over {group.dp_group!r} but sharded over "
+                            f"{piece.dp_group!r}"
+                        )
+                    new.params.append(piece.shard)
+                    if id(param) in group.row_weights:
+                        per_row = param.numel() // param.shape[0]
+                        weights = group.row_weights[id(param)].repeat_interleave(per_row)  # [numel]
+                        new.row_weights[id(piece.shard)] = weights[piece.lo : piece.hi]
+            out.append(new)
+        return out
+
+    # ------------------------------------------------------------------ checkpoints
+
+    def layout(self) -> dict:
+        """What a shard file depends on: each buffer's rule, dp size and bucket boundaries."""
+        return {
+            "buffers": [
+                {
+                    "groups": list(b.groups),
+                    "dp_size": b.dp_size,
+                    "buckets": [[k.start, k.end] for k in b.buckets],
+                }
+                for b in self.grad_sync.buffers
+            ]
+        }
+
+    def state_dict(self) -> dict:
+        """The part common to all dp ranks (the layout); the states are in ``sharded_state_dict``."""
+        return {"distributed_optimizer": self.layout()}
+
+    def load_state_dict(self, state: dict) -> None:
+        """Check that a checkpoint's sharded states fit this run (``load_sharded_state_dict`` loads them).
+
+        Raises:
+            ValueError: written without the distributed optimizer, with other data-parallel sizes,
+                or with another bucket layout.
+        """
+        if not isinstance(state, dict) or "distributed_optimizer" not in state:
+            raise ValueError(
+                "the optimizer state was written without parallel.distributed_optimizer; resume with "
+                "parallel.distributed_optimizer false (or load the weights only via training.initial_load)"
+            )
+        _check_layout(state["distributed_optimizer"], self.layout())
+
+    def sharded_state_dict(self) -> dict:
+        """This rank's AdamW states, with the (name, range) of every piece they belong to."""
+        return {
+            "layout": self.layout(),
+            "pieces": [[p.name, p.lo, p.hi] for p in self.pieces],
+            "optimizer": self.optimizer.state_dict(),
+        }
+
+    def load_sharded_state_dict(self, state: dict) -> None:
+        """Restore ``sharded_state_dict`` (same layout and pieces, else ValueError)."""
+        _check_layout(state["layout"], self.layout())
+        pieces = [[p.name, p.lo, p.hi] for p in self.pieces]
+        if [list(p) for p in state["pieces"]] != pieces:
+            raise ValueError("the optimizer shard covers other parameter ranges than this rank's shard")
+        self.optimizer.load_state_dict(state["optimizer"])
+
+
+def _shard_pieces(grad_sync: GradSync) -> list[ShardPiece]:
+    """Every (parameter, flat range) inside this rank's shard of every bucket, in buffer order."""
+    pieces = []
+    for buffer in grad_sync.buffers:
+        for bucket in buffer.buckets:
+            lo, hi = buffer.shard_range(bucket)
+            for name, param, (start, end) in zip(bucket.names, bucket.params, bucket.ranges):
+                a, b = max(lo, start), min(hi, end)
+                if a >= b:
+                    continue
+                shard = nn.Parameter(param.detach().view(-1)[a - start : b - start])  # shares storage
+                shard.grad = buffer.data[a:b]  # [b - a], the reduce-scattered gradient lands here
+                pieces.append(ShardPiece(name, param, a - start, b - start, buffer.dp_name, shard))
+    return pieces
+
+
+def _then(first, group):
+    """``first`` (may be None), then a SUM all-reduce over ``group`` (skipped for one rank)."""
+    size = dist.get_world_size(group) if group is not None else 1
+
+    def all_reduce(t: torch.Tensor) -> None:
+        if first is not None:
+            first(t)
+        if size > 1:
+            dist.all_reduce(t, group=group)
+
+    return all_reduce if first is not None or size > 1 else None
+
+
+def _check_layout(saved: dict, current: dict) -> None:
+    def sizes(layout):
+        return {"+".join(b["groups"]): b["dp_size"] for b in layout["buffers"]}
+
+    if sizes(saved) != sizes(current):
+        raise ValueError(
+            f"the distributed optimizer's shards were written with data-parallel sizes {sizes(saved)} "
+            f"but this run has {sizes(current)}; resume with the same data-parallel layout"
+        )
+    if saved != current:
+        count = lambda layout: [len(b["buckets"]) for b in layout["buffers"]]  # noqa: E731
+        raise ValueError(
+            f"the distributed optimizer's shards were written for another bucket layout ({count(saved)} "
+            f"buckets per buffer, now {count(current)}): resume with the same parallel.grad_bucket_mb "
+            "and model"
+        )
+
+
+def build_data_parallel(model: nn.Module, cfg, dims) -> tuple[GradSync | None, object]:
+    """The gradient buffers (None when both data-parallel flags are off) and the optimizer.
+
+    With ``parallel.overlap_grad_reduce`` and ``parallel.distributed_optimizer`` off this is the
+    plain AdamW of ``build_optimizer`` and the trainer reduces gradients as before.
+    """
+    par = cfg.parallel
+    if not (par.distributed_optimizer or par.overlap_grad_reduce):
+        return None, build_optimizer(model, cfg.optimizer)
+    own, chunk_of = (), None
+    if dims.pp > 1:
+        chunks = model_chunks(model, cfg, dims.local.pp)
+        chunk_of = {id(p): c for c, chunk in enumerate(chunks) for p in chunk.parameters()}
+        # Both stages must shard the tied embedding alike for its all-reduce after the reduce-scatter.
+        own = {TIED_EMBEDDING} if cfg.model.tie_embeddings else ()
+    grad_sync = GradSync(
+        model,
+        dims,
+        par.grad_bucket_mb,
+        overlap=par.overlap_grad_reduce,
+        shard=par.distributed_optimizer,
+        own_bucket=own,
+        chunk_of=chunk_of,
+    )
+    if par.distributed_optimizer:
+        return grad_sync, DistributedOptimizer(grad_sync, cfg.optimizer, dims)
+    return grad_sync, build_optimizer(model, cfg.optimizer)
