@@ -17,6 +17,7 @@ stage owns (global layer indices), so pipeline stages need no renaming.
 from __future__ import annotations
 
 import math
+import shutil
 from collections.abc import Callable
 from pathlib import Path
 
@@ -159,7 +160,8 @@ def write_model_checkpoint(
     dims = layout_dims(par.tensor, par.pipeline, par.expert, par.expert_tensor)
     final = checkpoint.iteration_dir(root, 0)
     tmp = final.with_name(final.name + ".tmp")
-    tmp.mkdir(parents=True, exist_ok=True)
+    shutil.rmtree(tmp, ignore_errors=True)  # leftovers of an interrupted conversion
+    tmp.mkdir(parents=True)
     config_yaml = yaml.safe_dump(cfg.to_dict(), sort_keys=False)
     (tmp / "config.yaml").write_text(config_yaml)
     writers = shard_writers(dims)
