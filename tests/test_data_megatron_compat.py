@@ -102,3 +102,39 @@ def test_preprocess_output_reads_in_megatron(tmp_path):
     for i in range(len(ours)):
         np.testing.assert_array_equal(theirs[i], ours[i])
         assert theirs[i][-1] == 2  # Mistral's EOS closes every document (--append-eod)
+
+
+def _megatron_helpers():
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore")
+        from megatron.core.datasets import helpers_cpp
+        from megatron.core.datasets.helpers import build_sample_idx
+    return helpers_cpp, build_sample_idx
+
+
+@pytest.mark.parametrize("seq_length,epochs", [(128, 3), (1000, 1), (7, 2)])
+def test_sample_index_equals_megatrons(seq_length, epochs):
+    """Given the same document order, samples of seq_length + 1 tokens cut exactly where Megatron cuts."""
+    from megatron_lite.data import helpers
+
+    _, megatron_sample_idx = _megatron_helpers()
+    rng = np.random.default_rng(seq_length)
+    sizes = rng.integers(1, 300, 200).astype(np.int32)
+    doc_index = helpers.build_document_index(np.arange(200), epochs, 1, False)
+    theirs = megatron_sample_idx(sizes, doc_index, seq_length, epochs, int(sizes.sum()), True, True)
+    ours = helpers.build_sample_index(sizes, doc_index, seq_length, len(theirs) - 1)
+    np.testing.assert_array_equal(ours, np.asarray(theirs, dtype=np.int64))
+
+
+@pytest.mark.parametrize("weights", [[0.5, 0.3, 0.2], [0.9, 0.1], [1 / 3, 1 / 3, 1 / 3, 0.0]])
+def test_blending_indices_equal_megatrons(weights):
+    """The greedy blend picks the same dataset and sample for every position as Megatron's helper."""
+    from megatron_lite.data import helpers
+
+    helpers_cpp, _ = _megatron_helpers()
+    w, size = np.asarray(weights, dtype=np.float64), 20_000
+    dataset_index, sample_index = np.zeros(size, dtype=np.int16), np.zeros(size, dtype=np.int64)
+    helpers_cpp.build_blending_indices(dataset_index, sample_index, w, len(w), size, False)
+    ours_dataset, ours_sample = helpers.build_blending_indices(w, size)
+    np.testing.assert_array_equal(ours_dataset, dataset_index)
+    np.testing.assert_array_equal(ours_sample, sample_index)
