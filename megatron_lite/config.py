@@ -200,6 +200,7 @@ class TrainingConfig:
     device: str = "auto"
     attention_backend: str = "auto"
     recompute: str = "none"
+    compile: bool = False  # torch.compile each transformer block (fuses norms, RoPE, SwiGLU pointwise ops)
     save: str | None = None
     save_interval: int | None = None
     load: str | None = None

@@ -196,3 +196,24 @@ def test_moe_trains_and_scales_aux_loss():
     assert all(m.aux_loss_scale == pytest.approx(1 / 4) for m in trainer.model.moe_layers())
     assert history[-1].aux_loss == pytest.approx(1.0, abs=0.3) and history[-1].z_loss > 0
     assert all(torch.isfinite(torch.tensor(r.loss)) for r in history)
+
+
+@pytest.mark.slow
+@pytest.mark.parametrize("recompute", ["none", "selective"])
+def test_compiled_blocks_train_like_eager(recompute):
+    """``training.compile``: the same losses and grad norms as eager over 3 steps (CPU inductor)."""
+    args = (
+        "--training.train_iters",
+        "3",
+        "--training.micro_batch_size",
+        "4",
+        "--training.recompute",
+        recompute,
+    )
+    results = []
+    for compiled in ("false", "true"):
+        cfg = tiny_config(*args, "--training.compile", compiled)
+        trainer = setup_training(cfg, init_runtime(cfg), log=lambda _: None)
+        results.append([(r.loss, r.grad_norm) for r in trainer.train()])
+    for (loss, norm), (ref_loss, ref_norm) in zip(results[1], results[0], strict=True):
+        assert loss == pytest.approx(ref_loss, rel=1e-5) and norm == pytest.approx(ref_norm, rel=1e-4)

@@ -54,7 +54,24 @@ def build_local_model(cfg: Config, runtime: Runtime) -> Transformer:
     materialize_local(model, runtime.dims, cfg.training.seed, device=runtime.device)
     model.attention_backend = cfg.training.attention_backend
     apply_recompute(model, cfg.training.recompute)
+    if cfg.training.compile:
+        apply_compile(model)
     return model
+
+
+def apply_compile(model: nn.Module) -> None:
+    """``torch.compile`` every ``TransformerBlock`` in place (torchtitan's per-block compile).
+
+    Per block rather than the whole model: every block has the same code, so one compiled graph
+    serves all layers (compile time does not grow with depth), and pipeline chunks, which call a
+    subset of the blocks, need nothing special. Recomputation is applied first, so the compiled
+    forward is the checkpointed one. Communication inside tensor/expert-parallel blocks and the
+    extension's MoE routing ops are not traced: the graph breaks around them and they run as they
+    do uncompiled.
+    """
+    for module in model.modules():
+        if isinstance(module, TransformerBlock):
+            module.compile()
 
 
 def apply_recompute(model: nn.Module, mode: str) -> None:

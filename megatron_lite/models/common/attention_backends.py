@@ -37,11 +37,24 @@ class AttentionMeta:
     # of a forward and reused by the others (FlexAttention block masks are not free to build).
     masks: dict = field(default_factory=dict, repr=False)
 
-    def mask(self, kind: str, build):
+    def mask(self, kind: tuple, build):
         """The ``kind`` mask of this forward, built once by ``build()``."""
         if kind not in self.masks:
             self.masks[kind] = build()
         return self.masks[kind]
+
+    def prepare(self, b: int, s: int, device: torch.device) -> None:
+        """Resolve the backend and build this forward's mask before the layers run.
+
+        The layers then only look the mask up, so a compiled block never traces mask building
+        (and a backend that cannot run fails here, once, naming the reason).
+        """
+        window = self.window if self.window is not None and self.window < s else None
+        backend = select_backend(self.backend, device, self.cu_seqlens is not None, window)
+        if backend == "flex":
+            self.mask(("flex", b, s, window), lambda: _flex_block_mask(self.cu_seqlens, b, s, window, device))
+        elif backend == "sdpa_masked":
+            self.mask(("dense", b, s, window), lambda: _dense_mask(b, s, self.cu_seqlens, window, device))
 
 
 @functools.cache
