@@ -120,21 +120,22 @@ def test_one_process_zero1_equals_plain_and_resumes(tmp_path):
     assert [(r.loss, r.grad_norm) for r in first + rest] == expected
 
 
-def test_resume_refuses_another_optimizer_or_dp_size(tmp_path):
+def test_resume_refuses_another_optimizer_and_reshards_another_layout(tmp_path):
+    expected = [(r.loss, r.grad_norm) for r in _trainer(*ZERO1).train()]
     ckpt = str(tmp_path / "ckpt")
-    _trainer(*ZERO1, "--training.save", ckpt, "--training.exit_interval", "1").train()
+    first = _trainer(*ZERO1, "--training.save", ckpt, "--training.exit_interval", "1").train()
     with pytest.raises(checkpoint.CheckpointError, match="written with parallel.distributed_optimizer true"):
         _trainer("--training.load", ckpt)
-    # The same checkpoint, as if written by 2 data-parallel ranks.
-    path = tmp_path / "ckpt/iter_0000001/mp_rank_00" / checkpoint.MODEL_FILE
-    state = torch.load(path, weights_only=True)
-    for buffer in state["optimizer"]["distributed_optimizer"]["buffers"]:
-        buffer["dp_size"] = 2
-    torch.save(state, path)
-    with pytest.raises(
-        checkpoint.CheckpointError, match=r"data-parallel sizes \{'dp': 2\} but this run has \{'dp': 1\}"
-    ):
-        _trainer(*ZERO1, "--training.load", ckpt)
+    # Another bucket size: the states are cut up again from the shard file, exactly.
+    rest = _trainer(*ZERO1, "--training.load", ckpt, "--parallel.grad_bucket_mb", "0.01").train()
+    assert [(r.loss, r.grad_norm) for r in first + rest] == expected
+    # A shard file that lacks a piece this rank needs: one line naming the parameter range.
+    path = tmp_path / "ckpt/iter_0000001/mp_rank_00" / checkpoint.DISTRIB_OPTIM_FILE.format(0)
+    shard = torch.load(path, weights_only=True)
+    shard["pieces"], shard["piece_states"] = shard["pieces"][1:], shard["piece_states"][1:]
+    torch.save(shard, path)
+    with pytest.raises(checkpoint.CheckpointError, match=r"cannot reshard .* no shard file holds .*\[0:"):
+        _trainer(*ZERO1, "--training.load", ckpt, "--parallel.grad_bucket_mb", "0.01")
     plain = str(tmp_path / "plain")
     _trainer("--training.save", plain, "--training.exit_interval", "1").train()
     with pytest.raises(checkpoint.CheckpointError, match="written without parallel.distributed_optimizer"):

@@ -301,11 +301,45 @@ def load(
 
 
 def _load_optimizer_shard(iter_dir: Path, optimizer, dims: ParallelDims, rank: int) -> None:
-    """Load this rank's ``distrib_optim_dpDDD.pt`` into the distributed optimizer."""
-    path = distrib_optim_path(iter_dir, dims, rank)
-    state = read_state(path)  # CheckpointError naming the file when missing or unreadable
+    """Load this rank's distributed-optimizer states: its own ``distrib_optim_dpDDD.pt`` when the
+    checkpoint has this run's layout, else resharded from every file that holds its parameters."""
+    if optimizer.same_layout():
+        path = distrib_optim_path(iter_dir, dims, rank)
+        state = read_state(path)  # CheckpointError naming the file when missing or unreadable
+        try:
+            optimizer.load_sharded_state_dict(state)
+        except (KeyError, RuntimeError, ValueError) as exc:
+            reason = str(exc).strip().splitlines()[0]
+            raise CheckpointError(f"checkpoint file {path} does not fit this run: {reason}") from None
+        return
+    sources = _optimizer_shard_sources(iter_dir, dims, rank)
     try:
-        optimizer.load_sharded_state_dict(state)
+        optimizer.load_resharded(sources)
     except (KeyError, RuntimeError, ValueError) as exc:
         reason = str(exc).strip().splitlines()[0]
-        raise CheckpointError(f"checkpoint file {path} does not fit this run: {reason}") from None
+        raise CheckpointError(f"{iter_dir}: cannot reshard the distributed optimizer: {reason}") from None
+
+
+def _optimizer_shard_sources(iter_dir: Path, dims: ParallelDims, rank: int) -> list[tuple[bool, bool, dict]]:
+    """Every distributed-optimizer file that can hold this rank's states, with what it can hold.
+
+    Dense parameters are replicated over data parallelism, so any file of a rank with the same
+    (tp, pp) coordinates holds pieces of them; experts only in files of the same (ep, etp, pp).
+    Shard directory names do not depend on the data-parallel size, so the old run's files are
+    found under this run's names.
+    """
+    me, dirs = dims.coords(rank), {}
+    for r in range(dims.world_size):
+        c = dims.coords(r)
+        dense, expert = (c.tp, c.pp) == (me.tp, me.pp), (c.ep, c.etp, c.pp) == (me.ep, me.etp, me.pp)
+        if dense or expert:
+            name = shard_name(dims, r)
+            old = dirs.get(name, (False, False))
+            dirs[name] = (old[0] or dense, old[1] or expert)
+    sources = []
+    for name, (dense, expert) in sorted(dirs.items()):
+        files = sorted((iter_dir / name).glob(DISTRIB_OPTIM_FILE.replace("{:03d}", "*")))
+        if not files:
+            raise CheckpointError(f"{iter_dir / name}: no distributed-optimizer shard files")
+        sources += [(dense, expert, read_state(f)) for f in files]
+    return sources

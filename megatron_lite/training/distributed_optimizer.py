@@ -20,8 +20,9 @@ added over the group's dp (or edp) group, so every element of a reduced gradient
 
 Checkpoints (``training.checkpoint``): the shard writer's ``model_optim_rng.pt`` holds only the
 layout (``state_dict``); every rank writes its own shard (``sharded_state_dict``) as
-``distrib_optim_dp{dp_rank:03d}.pt`` next to it. Loading needs the same data-parallel sizes and
-bucket layout; anything else is refused with the numbers.
+``distrib_optim_dp{dp_rank:03d}.pt`` next to it, with the (parameter, flat range) of every
+piece. The same layout loads each rank's own file; another data-parallel size or bucket size is
+resharded: a rank reads every shard file holding its parameters and cuts out its new ranges.
 """
 
 from __future__ import annotations
@@ -138,34 +139,86 @@ class DistributedOptimizer:
         return {"distributed_optimizer": self.layout()}
 
     def load_state_dict(self, state: dict) -> None:
-        """Check that a checkpoint's sharded states fit this run (``load_sharded_state_dict`` loads them).
+        """Take the common part of a checkpoint; the states come from the shard files after it.
+
+        Records whether the shards were written with this run's layout (``same_layout``): if not,
+        ``load_resharded`` must be used instead of ``load_sharded_state_dict``.
 
         Raises:
-            ValueError: written without the distributed optimizer, with other data-parallel sizes,
-                or with another bucket layout.
+            ValueError: written without the distributed optimizer.
         """
         if not isinstance(state, dict) or "distributed_optimizer" not in state:
             raise ValueError(
                 "the optimizer state was written without parallel.distributed_optimizer; resume with "
                 "parallel.distributed_optimizer false (or load the weights only via training.initial_load)"
             )
-        _check_layout(state["distributed_optimizer"], self.layout())
+        self.saved_layout = state["distributed_optimizer"]
+
+    def same_layout(self) -> bool:
+        """Whether the loaded checkpoint's shards have this run's dp sizes and buckets."""
+        return getattr(self, "saved_layout", None) == self.layout()
 
     def sharded_state_dict(self) -> dict:
-        """This rank's AdamW states, with the (name, range) of every piece they belong to."""
+        """This rank's AdamW states, with the (name, range, dp group) of every piece they belong to.
+
+        ``piece_states`` holds the same tensors as ``optimizer`` (saved once), per piece, so
+        another layout can cut them up again.
+        """
         return {
             "layout": self.layout(),
-            "pieces": [[p.name, p.lo, p.hi] for p in self.pieces],
+            "pieces": [[p.name, p.lo, p.hi, p.dp_group] for p in self.pieces],
+            "piece_states": [dict(self.optimizer.state.get(p.shard, {})) for p in self.pieces],
             "optimizer": self.optimizer.state_dict(),
         }
 
     def load_sharded_state_dict(self, state: dict) -> None:
         """Restore ``sharded_state_dict`` (same layout and pieces, else ValueError)."""
         _check_layout(state["layout"], self.layout())
-        pieces = [[p.name, p.lo, p.hi] for p in self.pieces]
+        pieces = [[p.name, p.lo, p.hi, p.dp_group] for p in self.pieces]
         if [list(p) for p in state["pieces"]] != pieces:
             raise ValueError("the optimizer shard covers other parameter ranges than this rank's shard")
         self.optimizer.load_state_dict(state["optimizer"])
+
+    @torch.no_grad()
+    def load_resharded(self, sources: list[tuple[bool, bool, dict]]) -> None:
+        """Rebuild this rank's AdamW states from shard files written with another dp/bucket layout.
+
+        Args:
+            sources: ``(dense_ok, expert_ok, sharded_state_dict)`` of every shard file that may
+                hold this rank's parameters: ``dense_ok`` when the file's rank had this rank's
+                dense (tp, pp) shards, ``expert_ok`` when it had this rank's experts.
+
+        Raises:
+            ValueError: a parameter range of this rank is in none of the files.
+        """
+        numel = {p.name: p.param.numel() for p in self.pieces}
+        flat: dict[tuple[str, str], dict] = {}  # (name, state key) -> [numel] values, plus coverage
+        for dense_ok, expert_ok, state in sources:
+            for (name, lo, hi, dp_group), values in zip(state["pieces"], state["piece_states"]):
+                if name not in numel or not (expert_ok if dp_group == "edp" else dense_ok):
+                    continue
+                for key, tensor in values.items():
+                    if key == "step":
+                        flat[(name, key)] = tensor
+                        continue
+                    entry = flat.setdefault((name, key), torch.zeros(numel[name], dtype=tensor.dtype))
+                    entry[lo:hi] = tensor
+                cover = flat.setdefault((name, "covered"), torch.zeros(numel[name], dtype=torch.bool))
+                cover[lo:hi] = True
+        index = {id(q): i for i, q in enumerate(q for g in self.optimizer.param_groups for q in g["params"])}
+        merged = self.optimizer.state_dict()  # hyperparameters as they are; states filled in below
+        for piece in self.pieces:
+            cover = flat.get((piece.name, "covered"))
+            if cover is None or not bool(cover[piece.lo : piece.hi].all()):
+                raise ValueError(
+                    f"no shard file holds the optimizer states of {piece.name}[{piece.lo}:{piece.hi}]"
+                )
+            merged["state"][index[id(piece.shard)]] = {
+                key: (t.clone() if key == "step" else t[piece.lo : piece.hi].clone())
+                for (name, key), t in flat.items()
+                if name == piece.name and key != "covered"
+            }
+        self.optimizer.load_state_dict(merged)  # moves the states to the parameters' device
 
 
 def _shard_pieces(grad_sync: GradSync) -> list[ShardPiece]:
