@@ -210,6 +210,9 @@ class TrainingConfig:
     eval_interval: int | None = None
     eval_iters: int = 10
     exit_interval: int | None = None  # save (if training.save) and stop after iterations divisible by it
+    # On SIGTERM (SLURM preemption/time limit, torchrun shutdown): finish the iteration, save (if
+    # training.save) and exit with status 0, so a requeued job resumes where this one stopped.
+    exit_signal_handler: bool = True
 
     def validate(self) -> None:
         """Check sizes and names."""

@@ -21,6 +21,7 @@ from megatron_lite.data.indexed_dataset import DatasetError
 from megatron_lite.training.checkpoint import CheckpointError
 from megatron_lite.training.runtime import check_run_config, env_world_size, init_runtime, shutdown
 from megatron_lite.training.setup import setup_training
+from megatron_lite.training.signals import ExitSignal
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -38,8 +39,9 @@ def main(argv: list[str] | None = None) -> int:
     if int(os.environ.get("RANK", "0")) == 0:
         cfg.save(Path(cfg.logging.run_dir) / "config.yaml")
     runtime = init_runtime(cfg)
+    exit_signal = ExitSignal().install() if cfg.training.exit_signal_handler else None
     try:
-        trainer = setup_training(cfg, runtime)
+        trainer = setup_training(cfg, runtime, exit_signal=exit_signal)
         trainer.train()
         trainer.writers.close()
     except ConfigError as exc:  # found while building data (e.g. tokenizer larger than the vocabulary)
@@ -52,6 +54,8 @@ def main(argv: list[str] | None = None) -> int:
         print(f"data error: {exc}", file=sys.stderr)
         return 1
     finally:
+        if exit_signal is not None:
+            exit_signal.restore()
         shutdown(runtime)
     return 0
 

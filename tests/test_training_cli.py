@@ -99,6 +99,34 @@ def test_cli_data_errors_are_one_line(tmp_path):
         assert out.stderr.startswith("data error: ") and what in out.stderr and "Traceback" not in out.stderr
 
 
+def test_sigterm_saves_and_resume_continues(tmp_path):
+    """SIGTERM (SLURM preemption) mid-run: the iteration finishes, a checkpoint is saved, exit 0;
+    the relaunch resumes after it."""
+    import signal
+
+    config = tmp_path / "config.yaml"
+    config.write_text(yaml.safe_dump({**CONFIG, "logging": {"log_interval": 1}}))
+    ckpt = str(tmp_path / "ckpt")
+    argv = [sys.executable, "-m", "megatron_lite.pretrain", "--config", str(config), "--training.train_iters"]
+    argv += ["100000", "--training.save", ckpt, "--training.load", ckpt, "--logging.run_dir", str(tmp_path)]
+    env = {**os.environ, "OMP_NUM_THREADS": "1", "PYTHONPATH": str(REPO), "PYTHONUNBUFFERED": "1"}
+    err_file = (tmp_path / "stderr.txt").open("w")  # a file, not a pipe nobody drains
+    proc = subprocess.Popen(argv, cwd=REPO, env=env, stdout=subprocess.PIPE, stderr=err_file, text=True)
+    for line in proc.stdout:  # wait until training runs, then ask it to stop
+        if TRAIN_RE.search(line):
+            proc.send_signal(signal.SIGTERM)
+            break
+    out, _ = proc.communicate(timeout=120)
+    err_file.close()
+    assert proc.returncode == 0, (tmp_path / "stderr.txt").read_text()
+    assert "on a signal" in out
+    stopped = int((tmp_path / "ckpt" / "latest_checkpointed_iteration.txt").read_text())
+    assert 1 <= stopped < 100000
+    again = pretrain(tmp_path, "--training.load", ckpt, "--training.train_iters", str(stopped + 2))
+    assert again.returncode == 0, again.stderr
+    assert f"resumed from {ckpt} at iteration {stopped}" in again.stdout
+
+
 def test_cli_peak_override_reports_mfu(tmp_path):
     out = pretrain(
         tmp_path,

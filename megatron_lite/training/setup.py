@@ -23,13 +23,16 @@ def num_microbatches(cfg: Config, dp: int) -> int:
     return cfg.training.global_batch_size // (cfg.training.micro_batch_size * dp)
 
 
-def setup_training(cfg: Config, runtime: Runtime, log: Callable[[str], None] = print) -> Trainer:
+def setup_training(
+    cfg: Config, runtime: Runtime, log: Callable[[str], None] = print, exit_signal=None
+) -> Trainer:
     """Build everything a run needs on this rank, resuming from ``training.load`` when it has a checkpoint.
 
     Args:
         cfg: config that passed ``check_run_config`` (global batch size resolved).
         runtime: from ``init_runtime``.
         log: line sink (only the logging rank's lines are shown).
+        exit_signal: an installed ``ExitSignal`` the trainer checks between iterations, or None.
 
     Raises:
         CheckpointError: ``training.load`` names a missing or unreadable checkpoint.
@@ -83,6 +86,7 @@ def setup_training(cfg: Config, runtime: Runtime, log: Callable[[str], None] = p
         writers=writers,
         log=log,
         grad_sync=grad_sync,
+        exit_signal=exit_signal,
     )
 
 

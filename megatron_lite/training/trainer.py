@@ -128,6 +128,8 @@ class Trainer:
         log: where lines go (print on the logging rank).
         grad_sync: the model's data-parallel gradient buffers (``parallel.grad_buffer.GradSync``), or
             None to reduce with ``allreduce_gradients`` after the backward.
+        exit_signal: a ``training.signals.ExitSignal`` checked between iterations (save and stop
+            when any rank got one), or None.
     """
 
     def __init__(
@@ -144,6 +146,7 @@ class Trainer:
         writers: MetricWriters | None = None,
         log: Callable[[str], None] = print,
         grad_sync=None,
+        exit_signal=None,
     ):
         self.cfg, self.runtime, self.model = cfg, runtime, model
         self.optimizer, self.scheduler = optimizer, scheduler
@@ -154,7 +157,7 @@ class Trainer:
         self._log = log if runtime.is_logging_rank else (lambda _line: None)
         self.params = [p for p in model.parameters() if p.requires_grad]
         self.norm_groups = grad_norm_groups(model, runtime)
-        self.grad_sync = grad_sync
+        self.grad_sync, self.exit_signal = grad_sync, exit_signal
         if hasattr(optimizer, "shard_norm_groups"):  # distributed optimizer: a rank holds 1/dp of each grad
             self.norm_groups = optimizer.shard_norm_groups(self.norm_groups)
             self.params = optimizer.shard_params
@@ -232,7 +235,7 @@ class Trainer:
 
     def train(self) -> list[StepResult]:
         """Train until ``train_iters`` (or ``exit_interval``); returns this call's per-iteration results."""
-        tr = self.cfg.training
+        tr, rt = self.cfg.training, self.runtime
         interval = _Interval()
         first, saved_at = self.iteration, self.iteration
         while self.iteration < tr.train_iters:
@@ -251,6 +254,11 @@ class Trainer:
             interval.start += time.perf_counter() - paused
             if tr.exit_interval and self.iteration % tr.exit_interval == 0:
                 self._log(f"exiting after iteration {self.iteration} (training.exit_interval)")
+                break
+            if self.exit_signal is not None and self.exit_signal.any_rank(rt.device, rt.distributed):
+                self._log(
+                    f"exiting after iteration {self.iteration} on a signal (training.exit_signal_handler)"
+                )
                 break
         if tr.save and saved_at != self.iteration and self.iteration > first:
             self.save()
