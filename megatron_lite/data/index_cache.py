@@ -11,6 +11,7 @@ from __future__ import annotations
 import hashlib
 import json
 import os
+import time
 import warnings
 from collections.abc import Callable
 
@@ -82,6 +83,7 @@ def load_or_build(
     names: list[str],
     build: Callable[[], dict[str, np.ndarray]],
     group=None,
+    log: Callable[[str], None] = print,
 ) -> dict[str, np.ndarray]:
     """Return the arrays ``names`` from the cache, building (and caching) them if needed.
 
@@ -92,19 +94,23 @@ def load_or_build(
         names: arrays ``build`` returns.
         build: computes the arrays (called on rank 0 of ``group`` only when distributed).
         group: torch.distributed process group (default: the world).
+        log: where the building rank reports what it builds and how long it took.
     """
-    if cache_dir is None:
-        return build()
-    paths = cache_paths(cache_dir, stem, description, names)
     rank = _group_rank(group)
+    say = log if rank in (None, 0) else (lambda _line: None)
+    if cache_dir is None:
+        return _timed_build(stem, build, say)
+    paths = cache_paths(cache_dir, stem, description, names)
     if rank is None:
         if not _is_complete(paths):
-            _save(paths, build(), description)
+            _save(paths, _timed_build(stem, build, say), description)
+            say(f" > cached {stem} indices in {paths['description']}")
         return _load(paths, names)
     ok, error = True, None
     if rank == 0 and not _is_complete(paths):
         try:
-            _save(paths, build(), description)
+            _save(paths, _timed_build(stem, build, say), description)
+            say(f" > cached {stem} indices in {paths['description']}")
         except Exception as exc:  # reported to the other ranks through the collective below
             ok, error = False, exc
     if not _all_ok(ok, group):
@@ -116,6 +122,16 @@ def load_or_build(
             f"{paths['description']} missing after rank 0 built it: is cache_dir shared by all ranks?"
         )
     return _load(paths, names)
+
+
+def _timed_build(stem: str, build: Callable[[], dict[str, np.ndarray]], say) -> dict[str, np.ndarray]:
+    """``build()``, announced before and timed after (index builds of big corpora take a while)."""
+    say(f" > building {stem} indices ...")
+    start = time.perf_counter()
+    arrays = build()
+    sizes = ", ".join(f"{name} {len(arr):,}" for name, arr in arrays.items())
+    say(f" > built {stem} indices in {time.perf_counter() - start:.2f} s ({sizes})")
+    return arrays
 
 
 def default_cache_dir(prefix: str) -> str | None:
