@@ -112,6 +112,7 @@ HF_TINY = dict(
     vocab_size=256, hidden_size=64, intermediate_size=128, num_layers=2, num_attention_heads=4, num_kv_heads=2
 )
 TP2 = ["--parallel.tensor", "2", "--parallel.sequence_parallel", "true"]
+PP2 = ["--parallel.pipeline", "2", "--training.train_iters", "2"]
 
 
 def _run(overrides: list[str], world_size: int) -> list[float]:
@@ -124,18 +125,17 @@ def _run(overrides: list[str], world_size: int) -> list[float]:
 def _parallel_body(rank: int, world_size: int, root: str) -> None:
     os.environ["WORLD_SIZE"] = str(world_size)
     _run([*TP2, "--training.train_iters", "2", "--training.save", f"{root}/tp2"], world_size)
-    _run(
-        ["--parallel.pipeline", "2", "--training.train_iters", "2", "--training.save", f"{root}/pp2"],
-        world_size,
-    )
+    _run([*PP2, "--training.save", f"{root}/pp2"], world_size)
     losses = _run([*TP2, "--training.train_iters", "2", "--training.initial_load", f"{root}/hf"], world_size)
     torch.save(losses, f"{root}/initial_tp2_rank{rank}.pt")
+    losses = _run([*PP2, "--training.initial_load", f"{root}/hf"], world_size)  # each stage its layers
+    torch.save(losses, f"{root}/initial_pp2_rank{rank}.pt")
 
 
 @pytest.mark.slow
 def test_tensor_parallel_checkpoint_and_initial_load(tmp_path):
-    """tp=2 and pp=2 runs' sharded checkpoints reassemble to the one-process run's weights; tp=2
-    and tp=1 start identically from an HF directory given as training.initial_load."""
+    """tp=2 and pp=2 runs' sharded checkpoints reassemble to the one-process run's weights; tp=2,
+    pp=2 and one process start identically from an HF directory given as training.initial_load."""
     save_hf(build_model(ModelConfig(**HF_TINY, max_position_embeddings=64), "cpu", seed=5), tmp_path / "hf")
     _run(["--training.train_iters", "2", "--training.save", str(tmp_path / "tp1")], 1)
     reference = _run(["--training.train_iters", "2", "--training.initial_load", str(tmp_path / "hf")], 1)
@@ -147,8 +147,9 @@ def test_tensor_parallel_checkpoint_and_initial_load(tmp_path):
         for name in one:
             torch.testing.assert_close(two[name], one[name], rtol=1e-5, atol=1e-6, msg=f"{layout} {name}")
     for rank in range(2):
-        got = torch.load(tmp_path / f"initial_tp2_rank{rank}.pt")
-        assert got == pytest.approx(reference, rel=1e-5)
+        for layout in ("tp2", "pp2"):
+            got = torch.load(tmp_path / f"initial_{layout}_rank{rank}.pt")
+            assert got == pytest.approx(reference, rel=1e-5), layout
     # the HF start really was used: another seed's HF weights give another first loss
     assert reference != pytest.approx(_run(["--training.train_iters", "2"], 1), rel=1e-3)
 
