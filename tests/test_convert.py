@@ -158,3 +158,39 @@ def test_initial_load_rejects_other_shapes(tmp_path):
     save_hf(build_model(ModelConfig(**{**HF_TINY, "hidden_size": 32}), "cpu", seed=5), tmp_path / "hf")
     with pytest.raises(CheckpointError, match="hidden_size is 32 there but 64"):
         _trainer(["--training.initial_load", str(tmp_path / "hf")], 1)
+
+
+def _resume_body(rank: int, world_size: int, root: str, layouts: dict[str, list[str]]) -> None:
+    os.environ["WORLD_SIZE"] = str(world_size)
+    for name, overrides in layouts.items():
+        losses = _run(
+            [*overrides, "--training.train_iters", "4", "--training.load", f"{root}/{name}"], world_size
+        )
+        torch.save(losses, f"{root}/resumed_{name}_rank{rank}.pt")
+
+
+@pytest.mark.slow
+def test_with_optimizer_training_continues_in_another_layout(tmp_path):
+    """A one-process checkpoint at iteration 2, resharded with its AdamW states to tp=2 (+SP) and
+    to pp=2, continues with the losses of the uninterrupted one-process run."""
+    expected = _run(["--training.train_iters", "4"], 1)
+    src = str(tmp_path / "src")
+    _run(["--training.train_iters", "4", "--training.save", src, "--training.exit_interval", "2"], 1)
+    targets = {"tp2": (TP2, ["--tensor", "2"]), "pp2": (["--parallel.pipeline", "2"], ["--pipeline", "2"])}
+    for name, (_, flags) in targets.items():
+        done = _convert(
+            "--input", src, "--output", tmp_path / name, "--to", "megatron_lite", *flags, "--with-optimizer"
+        )
+        assert done.returncode == 0, done.stderr
+        assert "iteration 2" in done.stdout and (tmp_path / name / "iter_0000002").is_dir()
+    run_distributed(_resume_body, 2, str(tmp_path), {name: run for name, (run, _) in targets.items()})
+    for name in targets:
+        for rank in range(2):
+            got = torch.load(tmp_path / f"resumed_{name}_rank{rank}.pt")
+            assert got == pytest.approx(expected[2:], rel=1e-5), name
+    weights_only = _convert("--input", tmp_path / "tp2", "--output", tmp_path / "w", "--to", "megatron_lite")
+    assert weights_only.returncode == 0, weights_only.stderr
+    refused = _convert(
+        "--input", tmp_path / "w", "--output", tmp_path / "x", "--to", "megatron_lite", "--with-optimizer"
+    )
+    assert refused.returncode == 1 and "no optimizer state" in refused.stderr

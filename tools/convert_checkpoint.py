@@ -14,6 +14,11 @@ checkpoint directory (``latest_checkpointed_iteration.txt``, ``iter_*/mp_rank_*`
     # reshard a training checkpoint (weights only) to another layout
     python tools/convert_checkpoint.py --input runs/ckpt --output ckpt_tp4 --to megatron_lite --tensor 4
 
+    # ... with its AdamW states, LR schedule and data position: training continues with
+    # --training.load ckpt_tp4 --parallel.tensor 4 (plain-optimizer checkpoints)
+    python tools/convert_checkpoint.py --input runs/ckpt --output ckpt_tp4 --to megatron_lite \
+        --tensor 4 --with-optimizer
+
 Exit status 0 on success; 1 with one ``error: ...`` line naming the file on bad input.
 """
 
@@ -59,14 +64,30 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
     p.add_argument("--virtual-pipeline", type=int, default=1, help="target virtual chunks per stage")
     p.add_argument("--expert", type=int, default=1, help="target expert parallel size")
     p.add_argument("--expert-tensor", type=int, default=None, help="target expert tensor parallel size")
+    p.add_argument(
+        "--with-optimizer",
+        action="store_true",
+        help="training checkpoint -> megatron_lite only: also reshard the AdamW states and keep the "
+        "iteration, LR schedule and data position, so training continues in the new layout",
+    )
     return p.parse_args(argv)
 
 
-def read_input(args: argparse.Namespace, log) -> tuple[Config, dict[str, torch.Tensor]]:
-    """The input's config and canonical full state dict."""
+def read_input(args: argparse.Namespace, log) -> tuple[Config, dict[str, torch.Tensor], object]:
+    """The input's config, canonical full state dict and (``--with-optimizer``) resume state."""
     src = Path(args.input)
     if not src.is_dir():
         raise CheckpointError(f"{src}: not a directory")
+    if args.with_optimizer:
+        if is_hf_dir(src) or args.to != "megatron_lite":
+            raise CheckpointError(
+                "--with-optimizer converts a training checkpoint to --to megatron_lite only"
+            )
+        from megatron_lite.training.convert_optimizer import read_training_state
+
+        cfg, full, resume = read_training_state(src, args.iteration, progress=log)
+        log(f"read training checkpoint {src} with optimizer states (iteration {resume.iteration})")
+        return cfg, full, resume
     if is_hf_dir(src):
         model_cfg = read_hf_config(src)
         with SafetensorsReader(src) as reader:
@@ -74,11 +95,11 @@ def read_input(args: argparse.Namespace, log) -> tuple[Config, dict[str, torch.T
                 n: t.float().clone() for n, t in hf_state_to_canonical(reader, model_cfg, where=reader.where)
             }
         log(f"read Hugging Face checkpoint {src} ({model_cfg.arch}, {len(full)} tensors)")
-        return config_from_dict({"model": dataclasses.asdict(model_cfg)}), full
+        return config_from_dict({"model": dataclasses.asdict(model_cfg)}), full, None
     cfg, full = read_full_state(src, args.iteration, progress=log)
     par = cfg.parallel
     log(f"read training checkpoint {src} (tp={par.tensor}, pp={par.pipeline}, ep={par.expert})")
-    return cfg, full
+    return cfg, full, None
 
 
 def target_config(cfg: Config, args: argparse.Namespace) -> Config:
@@ -106,7 +127,7 @@ def main(argv: list[str] | None = None) -> int:
     start = time.perf_counter()
     log = lambda line: print(f"[convert] {line}", flush=True)  # noqa: E731
     try:
-        cfg, full = read_input(args, log)
+        cfg, full, resume = read_input(args, log)
         if args.to == "hf":
             model = model_from_full_state(cfg.model, full)
             from megatron_lite.models.hf_io import save_hf
@@ -115,8 +136,9 @@ def main(argv: list[str] | None = None) -> int:
             log(f"wrote Hugging Face checkpoint {args.output} ({args.dtype})")
         else:
             target = target_config(cfg, args)
-            final = write_model_checkpoint(full, target, args.output, progress=log)
-            log(f"wrote model-only training checkpoint {final}")
+            final = write_model_checkpoint(full, target, args.output, progress=log, resume=resume)
+            kind = "model-only" if resume is None else "resumable (optimizer, schedule, data position)"
+            log(f"wrote {kind} training checkpoint {final}")
     except (CheckpointError, HFCheckpointError, ConfigError) as exc:
         print(f"error: {exc}", file=sys.stderr)
         return 1

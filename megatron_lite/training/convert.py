@@ -92,6 +92,41 @@ def read_checkpoint_config(root: str | Path, iteration: int | None = None) -> tu
     return cfg, iteration
 
 
+def read_shard_states(
+    root: str | Path, iteration: int | None = None, progress: Callable[[str], None] = lambda _s: None
+) -> tuple[Config, Path, ParallelDims, dict[int, dict]]:
+    """Every distinct shard file of a training checkpoint, keyed by a rank of the smallest grid.
+
+    Returns:
+        ``(config of the run, iteration directory, that grid, rank -> file contents)``.
+    """
+    cfg, iteration = read_checkpoint_config(root, iteration)
+    par = cfg.parallel
+    dims = layout_dims(par.tensor, par.pipeline, par.expert, par.expert_tensor)
+    it_dir = checkpoint.iteration_dir(root, iteration)
+    states, writers = {}, shard_writers(dims)
+    for k, rank in enumerate(writers, 1):
+        file = it_dir / checkpoint.shard_name(dims, rank) / checkpoint.MODEL_FILE
+        states[rank] = checkpoint.read_state(file)
+        progress(f"[{k}/{len(writers)}] read {file}")
+    return cfg, it_dir, dims, states
+
+
+def unshard_all(
+    locals_by_name: dict[str, dict[int, torch.Tensor]], names: list[str], cfg: Config, dims, where: Path
+) -> dict[str, torch.Tensor]:
+    """Full tensors of ``names`` from per-rank shards (``name -> rank -> local tensor``)."""
+    full = {}
+    for name in names:
+        if name not in locals_by_name:
+            raise CheckpointError(f"{where}: no shard file holds {name}")
+        try:
+            full[name] = unshard_tensors(locals_by_name[name], name, cfg.model, dims)
+        except ValueError as exc:
+            raise CheckpointError(f"{where}: {exc}") from None
+    return full
+
+
 def read_full_state(
     root: str | Path, iteration: int | None = None, progress: Callable[[str], None] = lambda _s: None
 ) -> tuple[Config, dict[str, torch.Tensor]]:
@@ -108,27 +143,12 @@ def read_full_state(
     Raises:
         CheckpointError: a shard file is missing or unreadable, or shards do not fit together.
     """
-    cfg, iteration = read_checkpoint_config(root, iteration)
-    par = cfg.parallel
-    dims = layout_dims(par.tensor, par.pipeline, par.expert, par.expert_tensor)
-    it_dir = checkpoint.iteration_dir(root, iteration)
+    cfg, it_dir, dims, states = read_shard_states(root, iteration, progress)
     locals_by_name: dict[str, dict[int, torch.Tensor]] = {}
-    writers = shard_writers(dims)
-    for k, rank in enumerate(writers, 1):
-        file = it_dir / checkpoint.shard_name(dims, rank) / checkpoint.MODEL_FILE
-        state = checkpoint.read_state(file)
-        progress(f"[{k}/{len(writers)}] read {file}")
+    for rank, state in states.items():
         for name, tensor in state["model"].items():
             locals_by_name.setdefault(name, {})[rank] = tensor
-    full = {}
-    for name in canonical_names(cfg.model):
-        if name not in locals_by_name:
-            raise CheckpointError(f"{it_dir}: no shard file holds parameter {name}")
-        try:
-            full[name] = unshard_tensors(locals_by_name[name], name, cfg.model, dims)
-        except ValueError as exc:
-            raise CheckpointError(f"{it_dir}: {exc}") from None
-    return cfg, full
+    return cfg, unshard_all(locals_by_name, canonical_names(cfg.model), cfg, dims, it_dir)
 
 
 def write_model_checkpoint(
@@ -136,8 +156,13 @@ def write_model_checkpoint(
     cfg: Config,
     root: str | Path,
     progress: Callable[[str], None] = lambda _s: None,
+    resume=None,
 ) -> Path:
-    """Write a model-only training checkpoint (iteration 0) of ``full`` in ``cfg.parallel``'s layout.
+    """Write a training checkpoint of ``full`` in ``cfg.parallel``'s layout.
+
+    Without ``resume`` it is model-only (iteration 0: a fresh run starts from these weights); with
+    a ``convert_optimizer.ResumeState`` it carries the optimizer, schedule and data position, and
+    training continues from it in the new layout.
 
     The directory is assembled under a temporary name and renamed into place; the tracker file
     is written last, so an interrupted conversion leaves nothing that looks complete.
@@ -147,9 +172,10 @@ def write_model_checkpoint(
         cfg: config whose ``model`` matches ``full`` and whose ``parallel`` is the target layout.
         root: output checkpoint directory (created; must not hold a checkpoint already).
         progress: receives one line per shard file written.
+        resume: optimizer states and position of the source run, or None.
 
     Returns:
-        The ``iter_0000000`` directory.
+        The ``iter_N`` directory.
     """
     root = Path(root)
     if (root / checkpoint.TRACKER).exists():
@@ -158,7 +184,8 @@ def write_model_checkpoint(
         )
     par = cfg.parallel
     dims = layout_dims(par.tensor, par.pipeline, par.expert, par.expert_tensor)
-    final = checkpoint.iteration_dir(root, 0)
+    iteration = resume.iteration if resume is not None else 0
+    final = checkpoint.iteration_dir(root, iteration)
     tmp = final.with_name(final.name + ".tmp")
     shutil.rmtree(tmp, ignore_errors=True)  # leftovers of an interrupted conversion
     tmp.mkdir(parents=True)
@@ -168,12 +195,15 @@ def write_model_checkpoint(
     for k, rank in enumerate(writers, 1):
         coords = dims.coords(rank)
         local = {n: shard_tensor(full[n], n, cfg.model, coords).clone() for n in stage_names(cfg, coords.pp)}
-        state = checkpoint.model_only_state(local, config_yaml)
+        if resume is None:
+            state = checkpoint.model_only_state(local, config_yaml)
+        else:
+            state = resume.shard_state(local, cfg.model, coords, config_yaml)
         out = tmp / checkpoint.shard_name(dims, rank) / checkpoint.MODEL_FILE
         out.parent.mkdir(exist_ok=True)
         checkpoint.atomic_save(state, out)
         progress(f"[{k}/{len(writers)}] wrote {out.parent.name}")
-    checkpoint.publish(tmp, final, root, 0)
+    checkpoint.publish(tmp, final, root, iteration)
     return final
 
 
