@@ -4,11 +4,12 @@ Everything goes through the canonical, unsharded parameter names and the shard r
 ``parallel.sharding`` (DESIGN.md principle 4):
 
 * ``read_full_state``: every shard file of a training checkpoint -> one canonical state dict.
-* ``write_model_checkpoint``: a canonical state dict -> a *model-only* training checkpoint in any
-  target layout (``mp_rank_XX[_PPP][_EEE]`` directories, iteration 0, no optimizer state), the
-  starting point of continued pretraining (Megatron's "release" checkpoint).
-* ``load_hf_into_local``: each rank reads only its own shards straight from a Hugging Face
-  directory (``training.load`` may name one).
+* ``write_model_checkpoint``: a canonical state dict -> a training checkpoint in any target
+  layout (``mp_rank_XX[_PPP][_EEE]`` directories): model-only at iteration 0, the starting point
+  of continued pretraining (Megatron's "release" checkpoint), or with the optimizer states,
+  schedule and data position that ``convert_optimizer`` carries over.
+* ``load_initial_weights`` / ``load_hf_into_local``: each rank reads only its own shards, straight
+  from a Hugging Face directory or a training checkpoint (``training.initial_load``).
 
 Checkpoint shard files hold, for each pipeline stage, the canonical names of the layers that
 stage owns (global layer indices), so pipeline stages need no renaming.
