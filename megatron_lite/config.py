@@ -204,6 +204,7 @@ class TrainingConfig:
     save: str | None = None
     save_interval: int | None = None
     load: str | None = None
+    keep_last_checkpoints: int | None = None  # delete older iter_* directories after each save
     # weights to start from when training.load holds no checkpoint (continued pretraining): a
     # Hugging Face directory or a training checkpoint of any (tp, pp, ep) layout
     initial_load: str | None = None
@@ -224,7 +225,7 @@ class TrainingConfig:
         _one_of("training.device", self.device, ("auto", "cpu", "cuda"))
         _one_of("training.attention_backend", self.attention_backend, ("auto", "flash", "flex", "sdpa"))
         _one_of("training.recompute", self.recompute, ("none", "full", "selective"))
-        for name in ("save_interval", "eval_interval", "exit_interval"):
+        for name in ("save_interval", "eval_interval", "exit_interval", "keep_last_checkpoints"):
             if getattr(self, name) is not None:
                 _positive(f"training.{name}", getattr(self, name))
 

@@ -123,6 +123,18 @@ def test_layout_is_atomic(tmp_path):
     assert load_config(it / "config.yaml").training.train_iters == 4
 
 
+def test_keep_last_checkpoints_prunes_old_iterations(tmp_path):
+    ckpt = tmp_path / "ckpt"
+    keep = ["--training.save_interval", "1", "--training.keep_last_checkpoints", "2"]
+    full = run("--data.mock", "true")
+    first = run("--data.mock", "true", "--training.save", str(ckpt), *keep, "--training.exit_interval", "4")
+    assert sorted(p.name for p in ckpt.glob("iter_*")) == ["iter_0000003", "iter_0000004"]
+    rest = run("--data.mock", "true", "--training.load", str(ckpt), "--training.save", str(ckpt), *keep)
+    assert first + rest == full
+    assert sorted(p.name for p in ckpt.glob("iter_*")) == ["iter_0000005", "iter_0000006"]
+    assert checkpoint.prune(ckpt, 0) == [ckpt / "iter_0000005"]  # the tracker's iteration stays
+
+
 def test_missing_and_corrupt_checkpoints_name_the_file(tmp_path, capsys):
     ckpt = tmp_path / "ckpt"
     run("--data.mock", "true", "--training.save", str(ckpt), "--training.train_iters", "2")

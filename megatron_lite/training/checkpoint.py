@@ -142,6 +142,7 @@ def save(
     dims: ParallelDims,
     barrier=lambda: None,
     extra: dict[str, Any] | None = None,
+    keep_last: int | None = None,
 ) -> Path:
     """Write checkpoint ``iteration`` under ``root``; every rank calls this.
 
@@ -154,6 +155,8 @@ def save(
         dims: rank grid (decides the shard file name and which ranks write).
         barrier: synchronises all ranks (a no-op on one process).
         extra: more picklable-by-weights-only state (loss scaler, consumed validation samples, ...).
+        keep_last: once this checkpoint is complete, delete all but the newest ``keep_last``
+            ``iter_*`` directories (None keeps everything).
 
     Returns:
         The final ``iter_N`` directory.
@@ -185,8 +188,24 @@ def save(
     barrier()
     if rank == 0:
         publish(tmp, final, root, iteration)
+        if keep_last is not None:
+            prune(root, keep_last)
     barrier()
     return final
+
+
+def prune(root: Path, keep_last: int) -> list[Path]:
+    """Delete all but the newest ``keep_last`` complete ``iter_*`` directories; returns the deleted.
+
+    Runs after the tracker points at the newest one, so a crash here never leaves the run without
+    a complete checkpoint; the tracker's iteration is never deleted.
+    """
+    latest = latest_iteration(root)
+    done = sorted(p for p in root.glob("iter_*") if p.is_dir() and p.name[5:].isdigit())
+    doomed = [p for p in done[: max(len(done) - keep_last, 0)] if int(p.name[5:]) != latest]
+    for path in doomed:
+        shutil.rmtree(path, ignore_errors=True)
+    return doomed
 
 
 def distrib_optim_path(iter_dir: Path, dims: ParallelDims, rank: int) -> Path:

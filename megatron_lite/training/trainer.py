@@ -338,6 +338,7 @@ class Trainer:
             self.runtime.dims,
             barrier=self.runtime.barrier,
             extra={"consumed_valid_samples": valid, "scaler": self.scaler.state_dict()},
+            keep_last=self.cfg.training.keep_last_checkpoints,
         )
         self._log(f"saved checkpoint at iteration {self.iteration:7d} to {path}")
         return self.iteration
