@@ -120,7 +120,7 @@ def test_one_process_zero1_equals_plain_and_resumes(tmp_path):
     assert [(r.loss, r.grad_norm) for r in first + rest] == expected
 
 
-def test_resume_refuses_another_optimizer_and_reshards_another_layout(tmp_path):
+def test_resume_refuses_another_optimizer_reshards_another_layout_and_shards_plain(tmp_path):
     expected = [(r.loss, r.grad_norm) for r in _trainer(*ZERO1).train()]
     ckpt = str(tmp_path / "ckpt")
     first = _trainer(*ZERO1, "--training.save", ckpt, "--training.exit_interval", "1").train()
@@ -136,7 +136,8 @@ def test_resume_refuses_another_optimizer_and_reshards_another_layout(tmp_path):
     torch.save(shard, path)
     with pytest.raises(checkpoint.CheckpointError, match=r"cannot reshard .* no shard file holds .*\[0:"):
         _trainer(*ZERO1, "--training.load", ckpt, "--parallel.grad_bucket_mb", "0.01")
+    # A plain-optimizer checkpoint resumes with the distributed optimizer switched on.
     plain = str(tmp_path / "plain")
-    _trainer("--training.save", plain, "--training.exit_interval", "1").train()
-    with pytest.raises(checkpoint.CheckpointError, match="written without parallel.distributed_optimizer"):
-        _trainer(*ZERO1, "--training.load", plain)
+    first = _trainer("--training.save", plain, "--training.exit_interval", "1").train()
+    rest = _trainer(*ZERO1, "--training.load", plain).train()
+    assert [(r.loss, r.grad_norm) for r in first + rest] == expected

@@ -296,18 +296,22 @@ def load(
     try:
         model.load_state_dict(state["model"], strict=True)
         if optimizer is not None and saved_optim is not None:  # None: a model-only checkpoint
-            if "distributed_optimizer" in saved_optim and not hasattr(optimizer, "load_sharded_state_dict"):
+            distributed = hasattr(optimizer, "load_sharded_state_dict")
+            if "distributed_optimizer" in saved_optim and not distributed:
                 raise ValueError(
                     "the optimizer state was written with parallel.distributed_optimizer true; resume "
-                    "with it (and the same data-parallel size)"
+                    "with it (any data-parallel size)"
                 )
-            optimizer.load_state_dict(saved_optim)
+            if distributed:  # a plain state is sharded using the model state to name its positions
+                optimizer.load_state_dict(saved_optim, model_state=state["model"])
+            else:
+                optimizer.load_state_dict(saved_optim)
         if scheduler is not None and state["scheduler"] is not None:
             scheduler.load_state_dict(state["scheduler"])
     except (KeyError, RuntimeError, ValueError) as exc:
         reason = str(exc).strip().splitlines()[0]
         raise CheckpointError(f"checkpoint file {path} does not fit this run: {reason}") from None
-    if optimizer is not None and saved_optim is not None and hasattr(optimizer, "load_sharded_state_dict"):
+    if optimizer is not None and saved_optim is not None and getattr(optimizer, "needs_shard_files", False):
         _load_optimizer_shard(iteration_dir(root, iteration), optimizer, dims, rank)
     rng_path = iteration_dir(root, iteration) / "rng" / f"rank_{rank:05d}.pt"
     if rng_path.is_file():  # absent when resuming on another world size: keep the fresh seeds

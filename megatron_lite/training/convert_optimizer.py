@@ -22,16 +22,9 @@ from megatron_lite.models.hf_io import canonical_names
 from megatron_lite.parallel.sharding import shard_tensor
 from megatron_lite.training.checkpoint import CheckpointError
 from megatron_lite.training.convert import read_shard_states, unshard_all
-from megatron_lite.training.optimizer import no_weight_decay
+from megatron_lite.training.optimizer import no_weight_decay, position_names
 
 MOMENTS = ("exp_avg", "exp_avg_sq")
-
-
-def _position_names(model_state: dict[str, torch.Tensor]) -> list[str]:
-    """Canonical name of every optimizer position, as ``optimizer.param_groups`` orders them."""
-    names = list(model_state)
-    decay = [n for n in names if not no_weight_decay(n, model_state[n])]
-    return decay + [n for n in names if no_weight_decay(n, model_state[n])]
 
 
 @dataclass
@@ -50,7 +43,7 @@ class ResumeState:
         self, local_model: dict[str, torch.Tensor], model_cfg: ModelConfig, coords, config_yaml: str
     ) -> dict:
         """The ``model_optim_rng.pt`` contents of the rank at ``coords`` in the new layout."""
-        order = _position_names(local_model)
+        order = position_names(local_model)
         state = {}
         for i, name in enumerate(order):
             state[i] = {"step": self.step.clone()}
@@ -96,7 +89,7 @@ def read_training_state(
             raise CheckpointError(
                 f"{it_dir}: holds {kind}; --with-optimizer needs a checkpoint of the plain optimizer"
             )
-        names = _position_names(state["model"])
+        names = position_names(state["model"])
         for name, tensor in state["model"].items():
             weights.setdefault(name, {})[rank] = tensor
         for position, values in optim["state"].items():

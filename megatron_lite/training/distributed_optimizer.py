@@ -35,7 +35,13 @@ from torch import nn
 
 from megatron_lite.parallel.grad_buffer import GradSync
 from megatron_lite.pipeline.stages import TIED_EMBEDDING, model_chunks
-from megatron_lite.training.optimizer import NormGroup, build_optimizer, make_adamw, no_weight_decay
+from megatron_lite.training.optimizer import (
+    NormGroup,
+    build_optimizer,
+    make_adamw,
+    no_weight_decay,
+    position_names,
+)
 
 
 @dataclass
@@ -138,21 +144,42 @@ class DistributedOptimizer:
         """The part common to all dp ranks (the layout); the states are in ``sharded_state_dict``."""
         return {"distributed_optimizer": self.layout()}
 
-    def load_state_dict(self, state: dict) -> None:
-        """Take the common part of a checkpoint; the states come from the shard files after it.
+    def load_state_dict(self, state: dict, model_state: dict | None = None) -> None:
+        """Take a checkpoint's optimizer entry.
 
-        Records whether the shards were written with this run's layout (``same_layout``): if not,
-        ``load_resharded`` must be used instead of ``load_sharded_state_dict``.
+        A distributed-optimizer entry holds only the layout: the states come from the shard files
+        after it, and ``same_layout`` says whether ``load_sharded_state_dict`` (same layout) or
+        ``load_resharded`` must read them. A plain optimizer's full state (a run that switches
+        ``parallel.distributed_optimizer`` on) is cut into this rank's pieces right here; its
+        positions are named by ``model_state``, the checkpoint's model state dict.
 
         Raises:
-            ValueError: written without the distributed optimizer.
+            ValueError: a plain state without ``model_state``, or lacking a parameter of ours.
         """
-        if not isinstance(state, dict) or "distributed_optimizer" not in state:
-            raise ValueError(
-                "the optimizer state was written without parallel.distributed_optimizer; resume with "
-                "parallel.distributed_optimizer false (or load the weights only via training.initial_load)"
-            )
-        self.saved_layout = state["distributed_optimizer"]
+        if isinstance(state, dict) and "distributed_optimizer" in state:
+            self.saved_layout, self.needs_shard_files = state["distributed_optimizer"], True
+            return
+        if model_state is None:
+            raise ValueError("a plain optimizer state can only be sharded with its model state dict")
+        by_name = {position_names(model_state)[i]: values for i, values in state["state"].items()}
+        merged = self.optimizer.state_dict()
+        for i, piece in enumerate(self._ordered_pieces()):
+            if piece.name not in by_name:
+                raise ValueError(f"the plain optimizer state has no entry for {piece.name}")
+            values = by_name[piece.name]
+            merged["state"][i] = {
+                key: t.clone() if key == "step" else t.reshape(-1)[piece.lo : piece.hi].clone()
+                for key, t in values.items()
+            }
+        self.optimizer.load_state_dict(merged)
+        self.needs_shard_files = False
+
+    def _ordered_pieces(self) -> list[ShardPiece]:
+        """The pieces in the inner optimizer's position order."""
+        by_shard = {id(p.shard): p for p in self.pieces}
+        return [
+            by_shard[id(q)] for g in self.optimizer.param_groups for q in g["params"] if id(q) in by_shard
+        ]
 
     def same_layout(self) -> bool:
         """Whether the loaded checkpoint's shards have this run's dp sizes and buckets."""

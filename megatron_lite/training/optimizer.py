@@ -43,6 +43,16 @@ def param_groups(named_params: Iterable[tuple[str, nn.Parameter]], weight_decay:
     return [g for g in groups if g["params"]]
 
 
+def position_names(model_state: dict[str, torch.Tensor]) -> list[str]:
+    """Name of every position of a plain optimizer's state dict, in ``param_groups`` order.
+
+    ``model_state`` is the model's state dict (trainable parameters in ``named_parameters`` order).
+    """
+    names = list(model_state)
+    decay = [n for n in names if not no_weight_decay(n, model_state[n])]
+    return decay + [n for n in names if no_weight_decay(n, model_state[n])]
+
+
 def build_optimizer(model: nn.Module, opt_cfg) -> torch.optim.Optimizer:
     """AdamW over ``model``'s trainable parameters from an ``OptimizerConfig``.
 
