@@ -160,6 +160,17 @@ def test_initial_load_rejects_other_shapes(tmp_path):
         _trainer(["--training.initial_load", str(tmp_path / "hf")], 1)
 
 
+ZERO1 = ["--parallel.distributed_optimizer", "true", "--parallel.grad_bucket_mb", "0.05"]
+
+
+def _zero1_source(rank: int, world_size: int, root: str) -> None:
+    os.environ["WORLD_SIZE"] = str(world_size)
+    _run(
+        [*ZERO1, "--training.train_iters", "4", "--training.save", root, "--training.exit_interval", "2"],
+        world_size,
+    )
+
+
 def _resume_body(rank: int, world_size: int, root: str, layouts: dict[str, list[str]]) -> None:
     os.environ["WORLD_SIZE"] = str(world_size)
     for name, overrides in layouts.items():
@@ -171,19 +182,32 @@ def _resume_body(rank: int, world_size: int, root: str, layouts: dict[str, list[
 
 @pytest.mark.slow
 def test_with_optimizer_training_continues_in_another_layout(tmp_path):
-    """A one-process checkpoint at iteration 2, resharded with its AdamW states to tp=2 (+SP) and
-    to pp=2, continues with the losses of the uninterrupted one-process run."""
+    """Checkpoints at iteration 2, resharded with their AdamW states, continue with the losses of
+    the uninterrupted one-process run: a one-process checkpoint to tp=2 (+SP) and to pp=2, and a
+    ZeRO-1 checkpoint of two data-parallel ranks to tp=2."""
     expected = _run(["--training.train_iters", "4"], 1)
-    src = str(tmp_path / "src")
+    src, src_zero1 = str(tmp_path / "src"), str(tmp_path / "src_zero1")
     _run(["--training.train_iters", "4", "--training.save", src, "--training.exit_interval", "2"], 1)
-    targets = {"tp2": (TP2, ["--tensor", "2"]), "pp2": (["--parallel.pipeline", "2"], ["--pipeline", "2"])}
-    for name, (_, flags) in targets.items():
+    run_distributed(_zero1_source, 2, src_zero1)
+    targets = {
+        "tp2": (src, TP2, ["--tensor", "2"]),
+        "pp2": (src, ["--parallel.pipeline", "2"], ["--pipeline", "2"]),
+        "tp2_from_zero1": (src_zero1, TP2, ["--tensor", "2"]),
+    }
+    for name, (source, _, flags) in targets.items():
         done = _convert(
-            "--input", src, "--output", tmp_path / name, "--to", "megatron_lite", *flags, "--with-optimizer"
+            "--input",
+            source,
+            "--output",
+            tmp_path / name,
+            "--to",
+            "megatron_lite",
+            *flags,
+            "--with-optimizer",
         )
         assert done.returncode == 0, done.stderr
         assert "iteration 2" in done.stdout and (tmp_path / name / "iter_0000002").is_dir()
-    run_distributed(_resume_body, 2, str(tmp_path), {name: run for name, (run, _) in targets.items()})
+    run_distributed(_resume_body, 2, str(tmp_path), {name: run for name, (_, run, _) in targets.items()})
     for name in targets:
         for rank in range(2):
             got = torch.load(tmp_path / f"resumed_{name}_rank{rank}.pt")

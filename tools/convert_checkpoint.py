@@ -15,7 +15,7 @@ checkpoint directory (``latest_checkpointed_iteration.txt``, ``iter_*/mp_rank_*`
     python tools/convert_checkpoint.py --input runs/ckpt --output ckpt_tp4 --to megatron_lite --tensor 4
 
     # ... with its AdamW states, LR schedule and data position: training continues with
-    # --training.load ckpt_tp4 --parallel.tensor 4 (plain-optimizer checkpoints)
+    # --training.load ckpt_tp4 --parallel.tensor 4 (from plain or distributed-optimizer checkpoints)
     python tools/convert_checkpoint.py --input runs/ckpt --output ckpt_tp4 --to megatron_lite \
         --tensor 4 --with-optimizer
 

@@ -335,7 +335,7 @@ def _load_optimizer_shard(iter_dir: Path, optimizer, dims: ParallelDims, rank: i
             reason = str(exc).strip().splitlines()[0]
             raise CheckpointError(f"checkpoint file {path} does not fit this run: {reason}") from None
         return
-    sources = _optimizer_shard_sources(iter_dir, dims, rank)
+    sources = optimizer_shard_sources(iter_dir, dims, rank)
     try:
         optimizer.load_resharded(sources)
     except (KeyError, RuntimeError, ValueError) as exc:
@@ -343,7 +343,7 @@ def _load_optimizer_shard(iter_dir: Path, optimizer, dims: ParallelDims, rank: i
         raise CheckpointError(f"{iter_dir}: cannot reshard the distributed optimizer: {reason}") from None
 
 
-def _optimizer_shard_sources(iter_dir: Path, dims: ParallelDims, rank: int) -> list[tuple[bool, bool, dict]]:
+def optimizer_shard_sources(iter_dir: Path, dims: ParallelDims, rank: int) -> list[tuple[bool, bool, dict]]:
     """Every distributed-optimizer file that can hold this rank's states, with what it can hold.
 
     Dense parameters are replicated over data parallelism, so any file of a rank with the same

@@ -20,8 +20,9 @@ import torch
 from megatron_lite.config import Config, ModelConfig
 from megatron_lite.models.hf_io import canonical_names
 from megatron_lite.parallel.sharding import shard_tensor
-from megatron_lite.training.checkpoint import CheckpointError
+from megatron_lite.training.checkpoint import CheckpointError, optimizer_shard_sources
 from megatron_lite.training.convert import read_shard_states, unshard_all
+from megatron_lite.training.distributed_optimizer import assemble_piece_states
 from megatron_lite.training.optimizer import no_weight_decay, position_names
 
 MOMENTS = ("exp_avg", "exp_avg_sq")
@@ -68,14 +69,50 @@ class ResumeState:
         }
 
 
+def _plain_local_states(optim: dict, model_state: dict) -> tuple[dict, torch.Tensor | None, dict]:
+    """``name -> {moment: local tensor}``, the step and the group options of a plain optimizer."""
+    names = position_names(model_state)
+    local = {names[i]: values for i, values in optim["state"].items()}
+    step = next(iter(local.values()))["step"] if local else None
+    groups = {}
+    for group in optim["param_groups"]:
+        first = names[group["params"][0]]
+        groups[not no_weight_decay(first, model_state[first])] = {
+            k: v for k, v in group.items() if k != "params"
+        }
+    return local, step, groups
+
+
+def _distributed_local_states(
+    it_dir: Path, dims, rank: int, model_state: dict
+) -> tuple[dict, torch.Tensor, dict]:
+    """The same, assembled from the distributed optimizer's shard files of every dp rank."""
+    sources = optimizer_shard_sources(it_dir, dims, rank)
+    flat = assemble_piece_states(sources, {n: t.numel() for n, t in model_state.items()})
+    local, step = {}, None
+    for name, tensor in model_state.items():
+        cover = flat.get((name, "covered"))
+        if cover is None or not bool(cover.all()):
+            raise CheckpointError(f"{it_dir}: the distributed-optimizer shard files miss states of {name}")
+        local[name] = {key: flat[(name, key)].view_as(tensor) for key in MOMENTS}
+        step = flat[(name, "step")]
+    inner = sources[0][2]["optimizer"]["param_groups"]  # the shard's AdamW: decayed group first
+    groups = {True: {k: v for k, v in inner[0].items() if k != "params"}}
+    groups[False] = {**{k: v for k, v in inner[-1].items() if k != "params"}, "weight_decay": 0.0}
+    return local, step, groups
+
+
 def read_training_state(
     root: str | Path, iteration: int | None = None, progress=lambda _s: None
 ) -> tuple[Config, dict[str, torch.Tensor], ResumeState]:
     """Weights and optimizer states of a training checkpoint of any layout, as full tensors.
 
+    Plain-optimizer states are read from the shard files; distributed-optimizer states are first
+    reassembled from every data-parallel rank's ``distrib_optim_dp*.pt``. The result is a plain
+    optimizer's state in the new layout (which also resumes with the distributed optimizer on).
+
     Raises:
-        CheckpointError: model-only or distributed-optimizer checkpoints (their moments are not
-            stored per parameter here), or shards that do not fit together.
+        CheckpointError: a model-only checkpoint, or shards that do not fit together.
     """
     cfg, it_dir, dims, states = read_shard_states(root, iteration, progress)
     weights: dict[str, dict[int, torch.Tensor]] = {}
@@ -84,22 +121,21 @@ def read_training_state(
     step = None
     for rank, state in states.items():
         optim = state["optimizer"]
-        if optim is None or "distributed_optimizer" in optim:
-            kind = "no optimizer state" if optim is None else "a distributed-optimizer state"
+        if optim is None:
             raise CheckpointError(
-                f"{it_dir}: holds {kind}; --with-optimizer needs a checkpoint of the plain optimizer"
+                f"{it_dir}: holds no optimizer state; --with-optimizer needs a trained checkpoint"
             )
-        names = position_names(state["model"])
         for name, tensor in state["model"].items():
             weights.setdefault(name, {})[rank] = tensor
-        for position, values in optim["state"].items():
+        if "distributed_optimizer" in optim:
+            local, step, groups = _distributed_local_states(it_dir, dims, rank, state["model"])
+        else:
+            local, step, groups = _plain_local_states(optim, state["model"])
+        for name, values in local.items():
             for key in MOMENTS:
-                moments[key].setdefault(names[position], {})[rank] = values[key]
-            step = values["step"]
-        for group in optim["param_groups"]:
-            first = names[group["params"][0]]
-            decayed = not no_weight_decay(first, state["model"][first])
-            options[decayed] = {k: v for k, v in group.items() if k != "params"}
+                moments[key].setdefault(name, {})[rank] = values[key]
+        for decayed, group in groups.items():
+            options.setdefault(decayed, group)
     if step is None:
         raise CheckpointError(f"{it_dir}: the optimizer has not taken a step yet; nothing to carry over")
     options.setdefault(True, options.get(False, {}))

@@ -218,20 +218,7 @@ class DistributedOptimizer:
         Raises:
             ValueError: a parameter range of this rank is in none of the files.
         """
-        numel = {p.name: p.param.numel() for p in self.pieces}
-        flat: dict[tuple[str, str], dict] = {}  # (name, state key) -> [numel] values, plus coverage
-        for dense_ok, expert_ok, state in sources:
-            for (name, lo, hi, dp_group), values in zip(state["pieces"], state["piece_states"]):
-                if name not in numel or not (expert_ok if dp_group == "edp" else dense_ok):
-                    continue
-                for key, tensor in values.items():
-                    if key == "step":
-                        flat[(name, key)] = tensor
-                        continue
-                    entry = flat.setdefault((name, key), torch.zeros(numel[name], dtype=tensor.dtype))
-                    entry[lo:hi] = tensor
-                cover = flat.setdefault((name, "covered"), torch.zeros(numel[name], dtype=torch.bool))
-                cover[lo:hi] = True
+        flat = assemble_piece_states(sources, {p.name: p.param.numel() for p in self.pieces})
         index = {id(q): i for i, q in enumerate(q for g in self.optimizer.param_groups for q in g["params"])}
         merged = self.optimizer.state_dict()  # hyperparameters as they are; states filled in below
         for piece in self.pieces:
@@ -246,6 +233,34 @@ class DistributedOptimizer:
                 if name == piece.name and key != "covered"
             }
         self.optimizer.load_state_dict(merged)  # moves the states to the parameters' device
+
+
+def assemble_piece_states(sources: list[tuple[bool, bool, dict]], numel: dict[str, int]) -> dict:
+    """Flat per-parameter AdamW states from distributed-optimizer shard files.
+
+    Args:
+        sources: ``(dense_ok, expert_ok, sharded_state_dict)``: which of the file's pieces belong
+            to the wanted shards (dense ones, expert ones).
+        numel: wanted parameter name -> number of elements of its local shard.
+
+    Returns:
+        ``(name, key) -> tensor``: ``[numel]`` values for the moments, the step, and a boolean
+        ``[numel]`` under key ``"covered"`` saying which elements some file held.
+    """
+    flat: dict[tuple[str, str], torch.Tensor] = {}
+    for dense_ok, expert_ok, state in sources:
+        for (name, lo, hi, dp_group), values in zip(state["pieces"], state["piece_states"]):
+            if name not in numel or not (expert_ok if dp_group == "edp" else dense_ok):
+                continue
+            for key, tensor in values.items():
+                if key == "step":
+                    flat[(name, key)] = tensor
+                    continue
+                entry = flat.setdefault((name, key), torch.zeros(numel[name], dtype=tensor.dtype))
+                entry[lo:hi] = tensor
+            cover = flat.setdefault((name, "covered"), torch.zeros(numel[name], dtype=torch.bool))
+            cover[lo:hi] = True
+    return flat
 
 
 def _shard_pieces(grad_sync: GradSync) -> list[ShardPiece]:
