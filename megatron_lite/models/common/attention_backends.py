@@ -33,28 +33,27 @@ class AttentionMeta:
     max_seqlen: int | None = None
     window: int | None = None
     backend: str = "auto"
-    # Masks depend only on the packing and the window, not on the layer: built by the first layer
-    # of a forward and reused by the others (FlexAttention block masks are not free to build).
-    masks: dict = field(default_factory=dict, repr=False)
+    # Backend and mask depend only on the shapes, the packing and the window, not on the layer:
+    # resolved once per forward (FlexAttention block masks are not free to build) and reused.
+    resolved: dict = field(default_factory=dict, repr=False)
 
-    def mask(self, kind: tuple, build):
-        """The ``kind`` mask of this forward, built once by ``build()``."""
-        if kind not in self.masks:
-            self.masks[kind] = build()
-        return self.masks[kind]
+    def prepare(self, b: int, s: int, device: torch.device) -> tuple[str, int | None, torch.Tensor | None]:
+        """``(backend, window, mask)`` for ``[b, s]`` inputs, resolved and built on the first call.
 
-    def prepare(self, b: int, s: int, device: torch.device) -> None:
-        """Resolve the backend and build this forward's mask before the layers run.
-
-        The layers then only look the mask up, so a compiled block never traces mask building
-        (and a backend that cannot run fails here, once, naming the reason).
+        ``Transformer.forward`` calls it before the layers, so a compiled block only looks the mask
+        up (and a backend that cannot run fails there, once, naming the reason); the layers'
+        ``causal_attention`` calls it again and gets the same objects.
         """
-        window = self.window if self.window is not None and self.window < s else None
-        backend = select_backend(self.backend, device, self.cu_seqlens is not None, window)
-        if backend == "flex":
-            self.mask(("flex", b, s, window), lambda: _flex_block_mask(self.cu_seqlens, b, s, window, device))
-        elif backend == "sdpa_masked":
-            self.mask(("dense", b, s, window), lambda: _dense_mask(b, s, self.cu_seqlens, window, device))
+        if (b, s) not in self.resolved:
+            window = self.window if self.window is not None and self.window < s else None
+            backend = select_backend(self.backend, device, self.cu_seqlens is not None, window)
+            mask = None
+            if backend == "flex":
+                mask = _flex_block_mask(self.cu_seqlens, b, s, window, device)
+            elif backend == "sdpa_masked":
+                mask = _dense_mask(b, s, self.cu_seqlens, window, device)  # [b, 1, s, s]
+            self.resolved[(b, s)] = (backend, window, mask)
+        return self.resolved[(b, s)]
 
 
 @functools.cache
@@ -97,26 +96,16 @@ def causal_attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, meta: At
 
     ``nq`` must be a multiple of ``nkv`` (grouped-query attention, MQA when ``nkv == 1``).
     """
-    packed = meta.cu_seqlens is not None
-    window = meta.window if meta.window is not None and meta.window < q.shape[1] else None
-    backend = select_backend(meta.backend, q.device, packed, window)
+    backend, window, mask = meta.prepare(q.shape[0], q.shape[1], q.device)
     if backend == "flash":
         return _flash(q, k, v, meta.cu_seqlens, meta.max_seqlen, window)
     qt, kt, vt = (t.transpose(1, 2) for t in (q, k, v))  # [b, heads, s, hd]
     if backend == "sdpa":
         out = F.scaled_dot_product_attention(qt, kt, vt, is_causal=True, enable_gqa=True)
     elif backend == "flex":
-        b, s = q.shape[:2]
-        block_mask = meta.mask(
-            ("flex", b, s, window), lambda: _flex_block_mask(meta.cu_seqlens, b, s, window, q.device)
-        )
-        out = _compiled_flex()(qt, kt, vt, block_mask=block_mask, enable_gqa=True)
+        out = _compiled_flex()(qt, kt, vt, block_mask=mask, enable_gqa=True)
     else:
-        b, s = q.shape[:2]
-        mask = meta.mask(
-            ("dense", b, s, window), lambda: _dense_mask(b, s, meta.cu_seqlens, window, q.device)
-        )
-        out = F.scaled_dot_product_attention(qt, kt, vt, attn_mask=mask, enable_gqa=True)  # mask [b, 1, s, s]
+        out = F.scaled_dot_product_attention(qt, kt, vt, attn_mask=mask, enable_gqa=True)
     return out.transpose(1, 2)
 
 
