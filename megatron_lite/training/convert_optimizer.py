@@ -91,11 +91,11 @@ def _distributed_local_states(
     flat = assemble_piece_states(sources, {n: t.numel() for n, t in model_state.items()})
     local, step = {}, None
     for name, tensor in model_state.items():
-        cover = flat.get((name, "covered"))
-        if cover is None or not bool(cover.all()):
+        entry = flat.get(name)
+        if entry is None or not bool(entry["covered"].all()):
             raise CheckpointError(f"{it_dir}: the distributed-optimizer shard files miss states of {name}")
-        local[name] = {key: flat[(name, key)].view_as(tensor) for key in MOMENTS}
-        step = flat[(name, "step")]
+        local[name] = {key: entry[key].view_as(tensor) for key in MOMENTS}
+        step = entry["step"]
     inner = sources[0][2]["optimizer"]["param_groups"]  # the shard's AdamW: decayed group first
     groups = {True: {k: v for k, v in inner[0].items() if k != "params"}}
     groups[False] = {**{k: v for k, v in inner[-1].items() if k != "params"}, "weight_decay": 0.0}

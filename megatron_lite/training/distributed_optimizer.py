@@ -161,25 +161,29 @@ class DistributedOptimizer:
             return
         if model_state is None:
             raise ValueError("a plain optimizer state can only be sharded with its model state dict")
-        by_name = {position_names(model_state)[i]: values for i, values in state["state"].items()}
-        merged = self.optimizer.state_dict()
-        for i, piece in enumerate(self._ordered_pieces()):
-            if piece.name not in by_name:
-                raise ValueError(f"the plain optimizer state has no entry for {piece.name}")
-            values = by_name[piece.name]
-            merged["state"][i] = {
-                key: t.clone() if key == "step" else t.reshape(-1)[piece.lo : piece.hi].clone()
-                for key, t in values.items()
-            }
-        self.optimizer.load_state_dict(merged)
+        names = position_names(model_state)
+        by_name = {names[i]: values for i, values in state["state"].items()}
+        missing = [p.name for p in self.pieces if p.name not in by_name]
+        if missing:
+            raise ValueError(f"the plain optimizer state has no entry for {missing[0]}")
+        self._load_cut(lambda piece: by_name[piece.name])
         self.needs_shard_files = False
 
-    def _ordered_pieces(self) -> list[ShardPiece]:
-        """The pieces in the inner optimizer's position order."""
-        by_shard = {id(p.shard): p for p in self.pieces}
-        return [
-            by_shard[id(q)] for g in self.optimizer.param_groups for q in g["params"] if id(q) in by_shard
-        ]
+    def _load_cut(self, states_of) -> None:
+        """Give every piece the ``[lo, hi)`` slice of its parameter's flattened AdamW states.
+
+        Args:
+            states_of: piece -> ``{"step", "exp_avg", "exp_avg_sq"}`` of its whole (local) parameter.
+        """
+        params = [q for group in self.optimizer.param_groups for q in group["params"]]
+        position = {id(q): i for i, q in enumerate(params)}
+        merged = self.optimizer.state_dict()  # hyperparameters as they are; states filled in below
+        for piece in self.pieces:
+            merged["state"][position[id(piece.shard)]] = {
+                key: t.clone() if key == "step" else t.reshape(-1)[piece.lo : piece.hi].clone()
+                for key, t in states_of(piece).items()
+            }
+        self.optimizer.load_state_dict(merged)  # moves the states to the parameters' device
 
     def same_layout(self) -> bool:
         """Whether the loaded checkpoint's shards have this run's dp sizes and buckets."""
@@ -219,20 +223,13 @@ class DistributedOptimizer:
             ValueError: a parameter range of this rank is in none of the files.
         """
         flat = assemble_piece_states(sources, {p.name: p.param.numel() for p in self.pieces})
-        index = {id(q): i for i, q in enumerate(q for g in self.optimizer.param_groups for q in g["params"])}
-        merged = self.optimizer.state_dict()  # hyperparameters as they are; states filled in below
         for piece in self.pieces:
-            cover = flat.get((piece.name, "covered"))
-            if cover is None or not bool(cover[piece.lo : piece.hi].all()):
+            covered = flat.get(piece.name, {}).get("covered")
+            if covered is None or not bool(covered[piece.lo : piece.hi].all()):
                 raise ValueError(
                     f"no shard file holds the optimizer states of {piece.name}[{piece.lo}:{piece.hi}]"
                 )
-            merged["state"][index[id(piece.shard)]] = {
-                key: (t.clone() if key == "step" else t[piece.lo : piece.hi].clone())
-                for (name, key), t in flat.items()
-                if name == piece.name and key != "covered"
-            }
-        self.optimizer.load_state_dict(merged)  # moves the states to the parameters' device
+        self._load_cut(lambda piece: {k: t for k, t in flat[piece.name].items() if k != "covered"})
 
 
 def assemble_piece_states(sources: list[tuple[bool, bool, dict]], numel: dict[str, int]) -> dict:
@@ -244,22 +241,21 @@ def assemble_piece_states(sources: list[tuple[bool, bool, dict]], numel: dict[st
         numel: wanted parameter name -> number of elements of its local shard.
 
     Returns:
-        ``(name, key) -> tensor``: ``[numel]`` values for the moments, the step, and a boolean
+        ``name -> {key: tensor}``: ``[numel]`` values for the moments, the step, and a boolean
         ``[numel]`` under key ``"covered"`` saying which elements some file held.
     """
-    flat: dict[tuple[str, str], torch.Tensor] = {}
+    flat: dict[str, dict[str, torch.Tensor]] = {}
     for dense_ok, expert_ok, state in sources:
         for (name, lo, hi, dp_group), values in zip(state["pieces"], state["piece_states"]):
             if name not in numel or not (expert_ok if dp_group == "edp" else dense_ok):
                 continue
+            entry = flat.setdefault(name, {"covered": torch.zeros(numel[name], dtype=torch.bool)})
             for key, tensor in values.items():
                 if key == "step":
-                    flat[(name, key)] = tensor
+                    entry[key] = tensor
                     continue
-                entry = flat.setdefault((name, key), torch.zeros(numel[name], dtype=tensor.dtype))
-                entry[lo:hi] = tensor
-            cover = flat.setdefault((name, "covered"), torch.zeros(numel[name], dtype=torch.bool))
-            cover[lo:hi] = True
+                entry.setdefault(key, torch.zeros(numel[name], dtype=tensor.dtype))[lo:hi] = tensor
+            entry["covered"][lo:hi] = True
     return flat
 
 
