@@ -35,7 +35,7 @@ from megatron_lite.models.hf_io import (
 )
 from megatron_lite.parallel.dims import ParallelDims
 from megatron_lite.parallel.sharding import shard_tensor, unshard_tensors
-from megatron_lite.pipeline.stages import stage_layer_ids
+from megatron_lite.pipeline.stages import stage_layer_ids, stage_roles
 from megatron_lite.training import checkpoint
 from megatron_lite.training.checkpoint import CheckpointError
 
@@ -57,21 +57,14 @@ def shard_writers(dims: ParallelDims) -> list[int]:
 
 
 def stage_names(cfg: Config, pp_rank: int) -> list[str]:
-    """Canonical parameter names stored by pipeline rank ``pp_rank``."""
-    names = canonical_names(cfg.model, stage_layer_ids(cfg, pp_rank))
-    pp = cfg.parallel.pipeline
-    if pp == 1:
-        return names
-    first, last = pp_rank == 0, pp_rank == pp - 1
-    keep = []
-    for name in names:
-        if name.startswith("layers."):
-            keep.append(name)
-        elif name.startswith("tok_embeddings.") and (first or (last and cfg.model.tie_embeddings)):
-            keep.append(name)  # tied: the last stage keeps its own copy of the embedding
-        elif not name.startswith("tok_embeddings.") and last:
-            keep.append(name)
-    return keep
+    """Canonical parameter names stored by pipeline rank ``pp_rank``: those of its model (built on
+    meta, as the trainer builds it), so a tied embedding's last-stage copy is included too."""
+    from megatron_lite.models import build_model
+
+    pre, post = stage_roles(pp_rank, cfg.parallel.pipeline)
+    layers = stage_layer_ids(cfg, pp_rank)
+    model = build_model(cfg.model, "meta", layer_ids=layers, pre_process=pre, post_process=post)
+    return [name for name, _ in model.named_parameters()]
 
 
 def read_checkpoint_config(root: str | Path, iteration: int | None = None) -> tuple[Config, int]:
