@@ -109,6 +109,13 @@ def materialize_local(
     return model
 
 
+def local_part(model: nn.Module, name: str, full: torch.Tensor, dims) -> torch.Tensor:
+    """What ``model`` holds of canonical ``full``: its shard when parallelized, else the whole tensor."""
+    if getattr(model, "parallel_state", None) is None:
+        return full
+    return shard_tensor(full, name, model.cfg, dims.local)
+
+
 @torch.no_grad()
 def load_full_state_dict(
     model: nn.Module, full_sd: dict[str, torch.Tensor], dims, strict: bool = True
@@ -118,7 +125,7 @@ def load_full_state_dict(
     Keys of ``full_sd`` that this rank does not hold (other pipeline stages) are ignored.
 
     Args:
-        model: parallelized model (meta or materialized parameters).
+        model: parallelized or plain model (meta or materialized parameters).
         full_sd: canonical name -> full tensor (e.g. the single-process model's ``state_dict()``).
         dims: the ``ParallelDims``.
         strict: raise if a local parameter has no entry in ``full_sd``.
@@ -126,13 +133,13 @@ def load_full_state_dict(
     Returns:
         The names that were loaded.
     """
-    coords, loaded = dims.local, []
+    loaded = []
     for name, param in list(model.named_parameters()):
         if name not in full_sd:
             if strict:
                 raise KeyError(f"load_full_state_dict: {name!r} missing from the state dict")
             continue
-        local = shard_tensor(full_sd[name], name, model.cfg, coords)
+        local = local_part(model, name, full_sd[name], dims)
         if param.is_meta:
             _set_parameter(model, name, local.to(param.dtype).clone(), param.requires_grad)
         else:

@@ -34,6 +34,7 @@ from megatron_lite.models.hf_io import (
     read_hf_config,
 )
 from megatron_lite.parallel.dims import ParallelDims
+from megatron_lite.parallel.parallelize import load_full_state_dict, local_part
 from megatron_lite.parallel.sharding import shard_tensor, unshard_tensors
 from megatron_lite.pipeline.stages import stage_layer_ids, stage_roles
 from megatron_lite.training import checkpoint
@@ -232,11 +233,9 @@ def load_hf_into_local(model: torch.nn.Module, path: str | Path, dims: ParallelD
     hf_cfg = read_hf_config(path)
     model_config_matches(model.cfg, hf_cfg, str(Path(path) / "config.json"))
     params = dict(model.named_parameters())
-    coords = dims.local
     with SafetensorsReader(path) as reader:
         for name, full in hf_state_to_canonical(reader, model.cfg, list(params), where=reader.where):
-            local = shard_tensor(full, name, model.cfg, coords) if dims.world_size > 1 else full
-            params[name].copy_(local)
+            params[name].copy_(local_part(model, name, full, dims))
     return len(params)
 
 
@@ -271,11 +270,7 @@ def load_initial_weights(model: torch.nn.Module, path: str | Path, cfg: Config, 
             raise CheckpointError(f"{file}: does not fit this model: {str(exc).splitlines()[0]}") from None
         return f"checkpoint iteration {iteration} (same layout)"
     _, full = read_full_state(path, iteration)
-    params = dict(model.named_parameters())
-    for name, param in params.items():
-        param.copy_(
-            shard_tensor(full[name], name, cfg.model, dims.local) if dims.world_size > 1 else full[name]
-        )
+    load_full_state_dict(model, full, dims)
     return f"checkpoint iteration {iteration} (resharded)"
 
 
