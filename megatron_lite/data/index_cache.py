@@ -103,14 +103,12 @@ def load_or_build(
     paths = cache_paths(cache_dir, stem, description, names)
     if rank is None:
         if not _is_complete(paths):
-            _save(paths, _timed_build(stem, build, say), description)
-            say(f" > cached {stem} indices in {paths['description']}")
+            _build_and_save(paths, stem, description, build, say)
         return _load(paths, names)
     ok, error = True, None
     if rank == 0 and not _is_complete(paths):
         try:
-            _save(paths, _timed_build(stem, build, say), description)
-            say(f" > cached {stem} indices in {paths['description']}")
+            _build_and_save(paths, stem, description, build, say)
         except Exception as exc:  # reported to the other ranks through the collective below
             ok, error = False, exc
     if not _all_ok(ok, group):
@@ -122,6 +120,11 @@ def load_or_build(
             f"{paths['description']} missing after rank 0 built it: is cache_dir shared by all ranks?"
         )
     return _load(paths, names)
+
+
+def _build_and_save(paths: dict[str, str], stem: str, description: dict, build, say) -> None:
+    _save(paths, _timed_build(stem, build, say), description)
+    say(f" > cached {stem} indices in {paths['description']}")
 
 
 def _timed_build(stem: str, build: Callable[[], dict[str, np.ndarray]], say) -> dict[str, np.ndarray]:
