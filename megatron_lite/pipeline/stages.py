@@ -177,6 +177,9 @@ def allreduce_embedding_grads(model: nn.Module, dims) -> None:
     if dims.pp == 1 or not model.cfg.tie_embeddings or getattr(model, "tok_embeddings", None) is None:
         return
     weight = model.tok_embeddings.weight
-    if weight.grad is None:
-        weight.grad = torch.zeros_like(weight)
-    dist.all_reduce(weight.grad, group=dims.group("embedding"))
+    grad = getattr(weight, "main_grad", None)  # gradient buffers: the fp32 main grad
+    if grad is None:
+        if weight.grad is None:
+            weight.grad = torch.zeros_like(weight)
+        grad = weight.grad
+    dist.all_reduce(grad, group=dims.group("embedding"))
