@@ -138,6 +138,7 @@ class GradBuffer:
         self.buckets = _layout(named_params, bucket_elems, self.dp_size * SHARD_ALIGN, own_bucket, chunk_of)
         self.data = torch.zeros(self.buckets[-1].end, dtype=torch.float32, device=device)  # [numel]
         self.param_data: torch.Tensor | None = None  # [numel] in the parameter dtype (``cast_params``)
+        self.forward_waits = 0  # parameter all-gathers waited for by a forward pre-hook (overlap)
         self.next_launch = 0
         for bucket in self.buckets:
             for param, (start, end) in zip(bucket.params, bucket.ranges):
@@ -460,3 +461,4 @@ class _GatherWait:
         for buffer, bucket in self.owned:
             if bucket.gather is not None:
                 buffer.wait_param_gather(bucket)
+                buffer.forward_waits += 1
