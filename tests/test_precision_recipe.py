@@ -51,7 +51,9 @@ def _fp32_init(trainer) -> dict[str, torch.Tensor]:
 @pytest.mark.parametrize("precision", ["fp32", "bf16", "fp16"])
 @pytest.mark.parametrize("zero1", [False, True])
 def test_dtypes_of_weights_grads_main_params_and_states(precision, zero1):
-    trainer = _trainer("--training.precision", precision, *(ZERO1 if zero1 else []), "--training.train_iters", "2")
+    trainer = _trainer(
+        "--training.precision", precision, *(ZERO1 if zero1 else []), "--training.train_iters", "2"
+    )
     trainer.train()
     low = precision != "fp32"
     want = {"fp32": torch.float32, "bf16": torch.bfloat16, "fp16": torch.float16}[precision]
@@ -64,7 +66,9 @@ def test_dtypes_of_weights_grads_main_params_and_states(precision, zero1):
         assert param.main_grad.dtype == torch.float32, name
         assert param.grad is None if low else param.grad.data_ptr() == param.main_grad.data_ptr(), name
     assert all(buffer.data.dtype == torch.float32 for buffer in sync.buffers)
-    assert all(buffer.param_data is None if not low else buffer.param_data.dtype == want for buffer in sync.buffers)
+    assert all(
+        buffer.param_data is None if not low else buffer.param_data.dtype == want for buffer in sync.buffers
+    )
     mains = opt.main_params
     assert mains and {m.dtype for m in mains} == {torch.float32}
     if low:  # owned fp32 copies, not views of the weights
@@ -141,7 +145,10 @@ def test_fp32_checkpoint_of_the_old_recipe_loads_into_a_bf16_run(tmp_path, zero1
 @pytest.mark.parametrize(
     "overrides, message",
     [
-        (["--parallel.overlap_param_gather", "true"], r"parallel.overlap_param_gather needs parallel.distributed"),
+        (
+            ["--parallel.overlap_param_gather", "true"],
+            r"parallel.overlap_param_gather needs parallel.distributed",
+        ),
         (["--parallel.grad_reduce_dtype", "fp8"], r"parallel.grad_reduce_dtype \('fp8'\) must be one of"),
     ],
 )
@@ -152,8 +159,12 @@ def test_bad_parallel_precision_fields(overrides, message):
 
 @pytest.mark.parametrize("precision", ["fp16", "fp32"])
 def test_bf16_gradient_reduction_needs_bf16_training(precision):
-    cfg = load_config(None, [*TINY, "--training.precision", precision, "--parallel.grad_reduce_dtype", "bf16"])
-    with pytest.raises(ConfigError, match=r"^parallel.grad_reduce_dtype 'bf16' needs training.precision bf16"):
+    cfg = load_config(
+        None, [*TINY, "--training.precision", precision, "--parallel.grad_reduce_dtype", "bf16"]
+    )
+    with pytest.raises(
+        ConfigError, match=r"^parallel.grad_reduce_dtype 'bf16' needs training.precision bf16"
+    ):
         check_run_config(cfg, 1)
     assert not torch.distributed.is_initialized()
 
