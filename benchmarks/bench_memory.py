@@ -183,9 +183,8 @@ def main(argv: list[str] | None = None) -> None:
                 row.update(model=model, layout=layout, total=total, target=want, precision=args.precision)
                 rows.append(row)
                 cells = " ".join(f"{row[c]:12.3f}" for c in CATEGORIES)
-                print(
-                    f"{model:14s} {layout:10s} {row['rank']:4d} {row['params']:11,d} {cells} {total:7.3f} {want:7.3f}"
-                )
+                lead = f"{model:14s} {layout:10s} {row['rank']:4d} {row['params']:11,d}"
+                print(f"{lead} {cells} {total:7.3f} {want:7.3f}")
                 sys.stdout.flush()
     if args.json:
         with open(args.json, "w") as f:
