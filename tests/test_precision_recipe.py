@@ -145,6 +145,16 @@ def test_fp32_checkpoint_of_the_old_recipe_loads_into_a_bf16_run(tmp_path, zero1
     assert moments and all(s["exp_avg"].dtype == torch.float32 for s in moments.values())
 
 
+def test_initial_load_gives_the_main_params_the_exact_fp32_values(tmp_path):
+    ckpt = str(tmp_path / "ckpt")
+    _trainer(*BF16, "--training.save", ckpt, "--training.train_iters", "2").train()
+    saved = torch.load(tmp_path / "ckpt/iter_0000002/mp_rank_00/model_optim_rng.pt", weights_only=True)
+    fresh = _trainer(*BF16, "--training.initial_load", ckpt, "--training.train_iters", "2")
+    assert fresh.iteration == 0
+    for name, main in fresh.optimizer.mains.items():
+        assert torch.equal(main, saved["model"][name]), name  # not the bf16 rounding of them
+
+
 @pytest.mark.parametrize(
     "overrides, message",
     [
