@@ -134,8 +134,8 @@ class AllGatherDispatcher:
         k = indices.shape[1]
         sizes = comm.all_gather_sizes(x.shape[0], self.group, device=x.device)
         x_all = comm.all_gather_tokens(x, sizes, self.group)  # [T_all, h]
-        weights_all = comm.all_gather_tokens(weights, sizes, self.group)  # [T_all, k]
-        indices_all = comm.all_gather_tokens(indices, sizes, self.group)  # [T_all, k]
+        weights_all = comm.all_gather_tokens(weights, sizes, self.group, tag="stat")  # [T_all, k] fp32
+        indices_all = comm.all_gather_tokens(indices, sizes, self.group, tag="stat")  # [T_all, k]
         local = indices_all.flatten() - self.first  # [T_all * k]
         mine = (local >= 0) & (local < self.num_local)
         # Sort the copies by local expert; copies of other ranks' experts get key num_local (last).
