@@ -110,15 +110,26 @@ class ParallelConfig:
     distributed_optimizer: bool = False
     overlap_grad_reduce: bool = False
     grad_bucket_mb: float = 160.0
+    # Mixed precision (training/runtime.py): dtype of the data-parallel gradient reduction (fp32
+    # main grads are reduced as they are, or as a bf16 copy: half the bytes), and Megatron's
+    # overlap of the distributed optimizer's parameter all-gather with the next forward.
+    grad_reduce_dtype: str = "fp32"
+    overlap_param_gather: bool = False
 
     def validate(self) -> None:
         """Check each degree on its own; layout-vs-world checks live in ``validate_layout``."""
         for name in ("tensor", "pipeline", "virtual_pipeline", "expert"):
             _positive(f"parallel.{name}", getattr(self, name))
-        for name in ("distributed_optimizer", "overlap_grad_reduce"):
+        for name in ("distributed_optimizer", "overlap_grad_reduce", "overlap_param_gather"):
             if not isinstance(getattr(self, name), bool):
                 raise ConfigError(f"parallel.{name} ({getattr(self, name)!r}) must be true or false")
         _positive("parallel.grad_bucket_mb", self.grad_bucket_mb)
+        _one_of("parallel.grad_reduce_dtype", self.grad_reduce_dtype, ("fp32", "bf16"))
+        if self.overlap_param_gather and not self.distributed_optimizer:
+            raise ConfigError(
+                "parallel.overlap_param_gather needs parallel.distributed_optimizer true (it overlaps "
+                "the distributed optimizer's parameter all-gather)"
+            )
         if self.expert_tensor is not None:
             _positive("parallel.expert_tensor", self.expert_tensor)
         _one_of("parallel.schedule", self.schedule, ("gpipe", "1f1b", "interleaved", "breadth-first"))

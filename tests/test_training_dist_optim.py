@@ -58,7 +58,9 @@ CASES = {
     ),
 }
 RESUMED = ("ep2_edp2_moe", "pp2_dp2_breadth_first")
-FIRST_LOSS_SCALE = {"dp4_fp16": 2.0**24}  # overflows in fp16 at the first two steps on this data
+# fp16 weights and activations (the mixed-precision recipe): this scale overflows at the first
+# step, and at the third (halved once, not yet grown back) on this data.
+FIRST_LOSS_SCALE = {"dp4_fp16": 2.0**23}
 # fp16 backward passes round differently enough that Adam's elements with a tiny second moment
 # move by ~2e-5 after 5 steps whatever the reduction (the plain all-reduce path does the same).
 PARAM_ATOL = {"dp4_fp16": 1e-4}
@@ -137,7 +139,7 @@ def test_zero1_with_overlap_matches_one_process(tmp_path):
         reference = _trainer(single, 1, FIRST_LOSS_SCALE.get(case))
         expected = [(r.loss, r.grad_norm) for r in reference.train()]
         if case in FIRST_LOSS_SCALE:
-            assert [r.skipped for r in reference.history] == [True, True, False, False, False]
+            assert [r.skipped for r in reference.history] == [True, False, True, False, False]
         weights = tmp_path / f"{case}.pt"
         torch.save({k: v.clone() for k, v in reference.model.state_dict().items()}, weights)
         cases[case] = (parallel, expected, str(weights))

@@ -22,8 +22,9 @@ through the thin wrappers below (``all_reduce``, ``all_gather_single``, ``reduce
 is noted as a :class:`CommRecord` (kind, tag, group size, dtype, bytes), so a test can check what
 travels on the wires (e.g. that activations move in bf16) without wrapping torch.distributed.
 The tag says what the payload is: ``activation`` (hidden states and their gradients, routed
-tokens), ``grad`` (gradient reduction), ``param`` (parameter all-gather), ``stat`` (small
-scalars and routing metadata: losses, norms, counts, split sizes).
+tokens), ``grad`` (gradient reduction), ``param`` (parameter all-gather), ``main`` (fp32 main
+parameters gathered for a checkpoint), ``stat`` (small scalars and routing metadata: losses,
+norms, counts, split sizes).
 """
 
 from __future__ import annotations
@@ -51,7 +52,7 @@ class CommRecord:
     """
 
     kind: str  # all_reduce | all_gather | reduce_scatter | all_to_all | send | recv
-    tag: str  # activation | grad | param | stat
+    tag: str  # activation | grad | param | main | stat
     group_size: int
     dtype: torch.dtype
     nbytes: int

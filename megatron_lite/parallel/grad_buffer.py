@@ -1,9 +1,17 @@
-"""Data-parallel gradient buffers: contiguous fp32 gradients, reduced bucket by bucket.
+"""Data-parallel gradient buffers: contiguous fp32 (main) gradients, reduced bucket by bucket.
 
 Parameters are grouped by their reduction rule (``grads.grad_reduce_groups``: dense params over
 ``dp``, expert params over ``edp``, tp-partial ones over ``tp`` first). Each group gets one flat
-fp32 buffer and every parameter's ``.grad`` is a view into it, so autograd accumulates the
-microbatches in place and a bucket is reduced with one collective, no copy in or out.
+fp32 buffer and every parameter's ``main_grad`` is its slice. fp32 parameters: ``.grad`` is that
+same view, so autograd accumulates the microbatches in place. bf16/fp16 parameters (the mixed
+precision recipe, ``training.runtime``): a post-accumulate-grad hook adds each low-precision
+``.grad`` into ``main_grad`` and drops it (``main_grad += grad; grad = None``), so microbatches
+accumulate in fp32 and no gradient-sized low-precision tensor outlives its backward step.
+
+Parameter buffers (``cast_params``): under mixed precision (and with ``overlap_param_gather``) the
+parameters themselves become views of one flat buffer per gradient buffer, in the compute dtype,
+with the same layout, so the distributed optimizer's parameter all-gather is one in-place
+collective per bucket in the parameter dtype (bf16 on the wire under bf16 training).
 
 Layout: parameters are placed in REVERSE ``named_parameters`` order, the order backward produces
 their gradients (the head first, the embedding last), and the buffer is cut into buckets of about
@@ -17,6 +25,8 @@ all-reduced over its dp group; with the distributed optimizer it is reduce-scatt
 keeps shard r (``shard_range``), the rest of its copy is stale. Buckets of tp-partial parameters
 are reduced over dp, then their (shard of the) sum is all-reduced over tp at ``finish_grad_sync``:
 both are sums, so the order does not matter, and those buckets are small (norms, routers).
+``parallel.grad_reduce_dtype bf16`` reduces a bf16 copy of each bucket and writes the result back
+into the fp32 buffer (half the bytes on the wire; the tp-partial sums stay fp32).
 
 Overlap (``parallel.overlap_grad_reduce``): a post-accumulate-grad hook counts, per parameter,
 the backward passes of the step. The number of microbatches is known at ``start_step``, so a
@@ -26,6 +36,12 @@ parameters are final AND every earlier bucket of its buffer has launched: all ra
 then issue the same collectives in the same order even when a parameter (an expert without
 tokens) gets no gradient on some rank. Such a bucket, and everything after it, is launched by
 ``finish_grad_sync``, which then waits for all of them.
+
+Parameter all-gather overlap (``parallel.overlap_param_gather``): after the sharded step each
+bucket's in-place all-gather is launched asynchronously and a forward pre-hook of every module
+owning parameters waits for the buckets of its parameters just before it runs, so the gather of
+later buckets overlaps the forward of earlier layers. ``finish_grad_sync`` waits for any bucket
+no forward touched (before the next step writes into the parameters again).
 """
 
 from __future__ import annotations
@@ -37,11 +53,22 @@ import torch
 import torch.distributed as dist
 from torch import nn
 
+from megatron_lite.parallel import comm
 from megatron_lite.parallel.grads import grad_reduce_groups
 
-# torch 2.13 renamed the single-tensor collectives; keep working on older releases too.
-_all_gather_single = getattr(dist, "all_gather_single", None) or dist.all_gather_into_tensor
-_reduce_scatter_single = getattr(dist, "reduce_scatter_single", None) or dist.reduce_scatter_tensor
+
+# Every collective of this file goes through one of these: the comm layer's recorded wrappers.
+def _all_reduce(t: torch.Tensor, group, async_op: bool = False):
+    return comm.all_reduce(t, group, async_op=async_op, tag="grad")
+
+
+def _reduce_scatter(out: torch.Tensor, inp: torch.Tensor, group, async_op: bool = False):
+    return comm.reduce_scatter_single(out, inp, group, async_op=async_op, tag="grad")
+
+
+def _all_gather(out: torch.Tensor, inp: torch.Tensor, group, async_op: bool = False):
+    return comm.all_gather_single(out, inp, group, async_op=async_op, tag="param")
+
 
 SHARD_ALIGN = 128  # elements: every shard starts 512-byte aligned (what NCCL likes)
 
@@ -66,6 +93,8 @@ class Bucket:
     ranges: list[tuple[int, int]] = field(default_factory=list)
     waiting: int = 0  # parameters whose final gradient of the step has not arrived
     work: object = None  # the async collective's handle, None before launch / on one rank
+    result: tuple | None = None  # (low-precision copy, fp32 target) to write back after ``work``
+    gather: object = None  # the async parameter all-gather's handle (``overlap_param_gather``)
     launched: bool = False
     in_backward: bool = False  # launched by a hook (before finish_grad_sync)
     early: bool = False  # launched while a later bucket still waited for gradients (overlap)
@@ -82,6 +111,7 @@ class GradBuffer:
         shard: reduce-scatter (distributed optimizer) instead of all-reduce.
         own_bucket: names that get a bucket of their own (tied embedding copies).
         chunk_of: ``id(param) -> pipeline chunk``; a bucket never spans two chunks.
+        reduce_dtype: dtype of the data-parallel reduction (fp32, or bf16: a bf16 copy on the wire).
     """
 
     def __init__(
@@ -93,8 +123,9 @@ class GradBuffer:
         shard: bool,
         own_bucket: Collection[str] = (),
         chunk_of: dict[int, int] | None = None,
+        reduce_dtype: torch.dtype = torch.float32,
     ):
-        self.groups, self.shard = tuple(groups), shard
+        self.groups, self.shard, self.reduce_dtype = tuple(groups), shard, reduce_dtype
         self.dp_name, self.partial = self.groups[-1], self.groups[:-1]
         self.dp_group = dims.group(self.dp_name)
         self.dp_size = dist.get_world_size(self.dp_group) if self.dp_group is not None else 1
@@ -103,7 +134,12 @@ class GradBuffer:
         device = named_params[0][1].device
         self.buckets = _layout(named_params, bucket_elems, self.dp_size * SHARD_ALIGN, own_bucket, chunk_of)
         self.data = torch.zeros(self.buckets[-1].end, dtype=torch.float32, device=device)  # [numel]
+        self.param_data: torch.Tensor | None = None  # [numel] in the parameter dtype (``cast_params``)
+        self.forward_waits = 0  # parameter all-gathers waited for by a forward pre-hook (overlap)
         self.next_launch = 0
+        for bucket in self.buckets:
+            for param, (start, end) in zip(bucket.params, bucket.ranges):
+                param.main_grad = self.data[start:end].view_as(param)
 
     @property
     def overlappable(self) -> bool:
@@ -111,10 +147,24 @@ class GradBuffer:
         return not self.partial
 
     def attach_grads(self) -> None:
-        """Point every parameter's ``.grad`` at its slice of the buffer."""
+        """Point every fp32 parameter's ``.grad`` at its slice (low-precision ones: ``grad = None``)."""
+        for bucket in self.buckets:
+            for param in bucket.params:
+                param.grad = param.main_grad if param.dtype == torch.float32 else None
+
+    @torch.no_grad()
+    def cast_params(self, dtype: torch.dtype) -> None:
+        """Move the parameters into one flat ``dtype`` buffer laid out like the gradients.
+
+        Each parameter's value is cast (fp32 init -> bf16 weights) and its ``.data`` becomes a view
+        of ``param_data``; the Parameter objects (hooks, optimizer references) stay the same.
+        """
+        self.param_data = torch.zeros(self.data.numel(), dtype=dtype, device=self.data.device)  # [numel]
         for bucket in self.buckets:
             for param, (start, end) in zip(bucket.params, bucket.ranges):
-                param.grad = self.data[start:end].view_as(param)
+                view = self.param_data[start:end].view_as(param)
+                view.copy_(param.data)
+                param.data = view
 
     def shard_range(self, bucket: Bucket) -> tuple[int, int]:
         """``[start, end)`` (buffer coordinates) of the shard this rank owns after reduce-scatter."""
@@ -137,12 +187,15 @@ class GradBuffer:
     def _launch(self, bucket: Bucket, in_backward: bool) -> None:
         data = self.data[bucket.start : bucket.end]  # [bucket numel]
         if self.dp_size > 1:
+            start, end = self.shard_range(bucket) if self.shard else (bucket.start, bucket.end)
+            wire = data if self.reduce_dtype == torch.float32 else data.to(self.reduce_dtype)
             if self.shard:
-                start, end = self.shard_range(bucket)
-                shard = self.data[start:end]  # a view of ``data``: reduce-scatter in place
-                bucket.work = _reduce_scatter_single(shard, data, group=self.dp_group, async_op=True)
+                shard = wire[start - bucket.start : end - bucket.start]  # a view of ``wire``: in place
+                bucket.work = _reduce_scatter(shard, wire, self.dp_group, async_op=True)
             else:
-                bucket.work = dist.all_reduce(data, group=self.dp_group, async_op=True)
+                bucket.work = _all_reduce(wire, self.dp_group, async_op=True)
+            if wire is not data:  # the reduced low-precision values replace the fp32 ones on wait
+                bucket.result = (wire[start - bucket.start : end - bucket.start], self.data[start:end])
         bucket.launched, bucket.in_backward = True, in_backward
         bucket.early = in_backward and any(b.waiting for b in self.buckets[bucket.index + 1 :])
         self.next_launch = bucket.index + 1
@@ -155,23 +208,38 @@ class GradBuffer:
             if bucket.work is not None:
                 bucket.work.wait()
                 bucket.work = None
+            if bucket.result is not None:
+                wire, target = bucket.result
+                target.copy_(wire)
+                bucket.result = None
         for group in self.partial_groups:
             if group is None or dist.get_world_size(group) == 1:
                 continue
             for bucket in self.buckets:
                 start, end = self.shard_range(bucket) if self.shard else (bucket.start, bucket.end)
-                dist.all_reduce(self.data[start:end], group=group)
+                _all_reduce(self.data[start:end], group)
 
     @torch.no_grad()
-    def all_gather_params(self) -> None:
+    def all_gather_params(self, async_op: bool = False) -> None:
         """After a sharded step: give every dp rank the parameters the others updated.
 
-        The gradient buffer is the staging area (its gradients are spent until the next
+        With a parameter buffer (``cast_params``) the optimizer has written this rank's shard into
+        it, and each bucket is completed by one in-place all-gather in the parameter dtype;
+        ``async_op`` leaves them in flight for ``wait_param_gather``. Without one (fp32 parameters)
+        the gradient buffer is the staging area (its gradients are spent until the next
         ``reset``), so no parameter-sized buffer is allocated: each rank writes its updated shard
         into it, an in-place all-gather completes every bucket, and the params copy it back.
         """
         if self.dp_size == 1:
             return  # the shard is the whole bucket: the step already updated every element
+        if self.param_data is not None:
+            for bucket in self.buckets:
+                lo, hi = self.shard_range(bucket)
+                out = self.param_data[bucket.start : bucket.end]  # [bucket numel]
+                bucket.gather = _all_gather(out, self.param_data[lo:hi], self.dp_group, async_op=True)
+                if not async_op:
+                    self.wait_param_gather(bucket)
+            return
         works = []
         for bucket in self.buckets:
             lo, hi = self.shard_range(bucket)
@@ -180,11 +248,18 @@ class GradBuffer:
                 if a < b:
                     self.data[a:b].copy_(param.view(-1)[a - start : b - start])
             data = self.data[bucket.start : bucket.end]
-            works.append(_all_gather_single(data, self.data[lo:hi], group=self.dp_group, async_op=True))
+            works.append(_all_gather(data, self.data[lo:hi], self.dp_group, async_op=True))
         for bucket, work in zip(self.buckets, works):
             work.wait()
             for param, (start, end) in zip(bucket.params, bucket.ranges):
                 param.view(-1).copy_(self.data[start:end])
+
+    def wait_param_gather(self, bucket: Bucket | None = None) -> None:
+        """Wait for ``bucket``'s in-flight parameter all-gather (every bucket's when None)."""
+        for b in [bucket] if bucket is not None else self.buckets:
+            if b.gather is not None:
+                b.gather.wait()
+                b.gather = None
 
 
 def _layout(named_params, bucket_elems, pad_multiple, own_bucket, chunk_of) -> list[Bucket]:
@@ -222,16 +297,21 @@ class GradSync:
     ``start_step(num_microbatches)`` before the first forward; backward(s); ``finish_grad_sync()``
     before clipping (then the tied-embedding all-reduce). With ``shard`` each rank's reduced
     gradients are only its shards (``GradBuffer.shard_range``), which the distributed optimizer
-    steps and ``all_gather_params`` redistributes.
+    steps and ``all_gather_params`` redistributes. Every parameter's fp32 gradient is its
+    ``main_grad`` (a view of its buffer), whatever the parameter dtype.
 
     Args:
-        model: the local model (fp32 parameters; ``model.parallel_state`` when parallelized).
+        model: the local model (fp32 parameters at construction; ``cast_params`` may then move them
+            to the compute dtype; ``model.parallel_state`` when parallelized).
         dims: the ``ParallelDims``.
         bucket_mb: bucket size in MiB of fp32 gradients.
         overlap: launch each bucket's collective from the backward hooks.
         shard: reduce-scatter for the distributed optimizer.
         own_bucket: canonical names that get a bucket of their own (tied embedding under pp).
         chunk_of: ``id(param) -> pipeline chunk`` (buckets do not span chunks).
+        reduce_dtype: dtype of the data-parallel gradient reduction (``parallel.grad_reduce_dtype``).
+        overlap_param_gather: leave the parameter all-gathers in flight after the step and wait for
+            each bucket in a forward pre-hook of the modules owning its parameters.
     """
 
     def __init__(
@@ -243,34 +323,50 @@ class GradSync:
         shard: bool = False,
         own_bucket: Collection[str] = (),
         chunk_of: dict[int, int] | None = None,
+        reduce_dtype: torch.dtype = torch.float32,
+        overlap_param_gather: bool = False,
     ):
-        self.overlap, self.shard = overlap, shard
+        self.overlap, self.shard, self.overlap_param_gather = overlap, shard, overlap_param_gather
         by_rule: dict[tuple[str, ...], list[tuple[str, nn.Parameter]]] = {}
         for name, param in reversed(list(model.named_parameters())):
             if not param.requires_grad:
                 continue
             if param.dtype != torch.float32 or not param.is_contiguous():
-                raise ValueError(f"{name}: gradient buffers need contiguous fp32 parameters")
+                raise ValueError(f"{name}: gradient buffers are built from contiguous fp32 parameters")
             by_rule.setdefault(grad_reduce_groups(model, name), []).append((name, param))
         # Same names on every rank of a dp group -> same buffers, buckets and collective order.
         elems = mb_to_elements(bucket_mb)
         self.buffers = [
-            GradBuffer(groups, named, dims, elems, shard, own_bucket, chunk_of)
+            GradBuffer(groups, named, dims, elems, shard, own_bucket, chunk_of, reduce_dtype)
             for groups, named in by_rule.items()
         ]
         self._expected, self._armed = 1, False
         self._counts: dict[int, int] = {}
         self._handles = []
-        if overlap:
-            for buffer in self.buffers:
-                if not buffer.overlappable:
-                    continue
-                for bucket in buffer.buckets:
-                    for param in bucket.params:
-                        hook = _Hook(self, buffer, bucket)
-                        self._handles.append(param.register_post_accumulate_grad_hook(hook))
+        for buffer in self.buffers:
+            for bucket in buffer.buckets:
+                for param in bucket.params:
+                    # Accumulates low-precision grads into main_grad; counts them for the overlap.
+                    hook = _Hook(self, buffer, bucket, count=overlap and buffer.overlappable)
+                    self._handles.append(param.register_post_accumulate_grad_hook(hook))
+        if overlap_param_gather:
+            self._register_gather_waits(model)
         self.start_step(1)
         self._armed = False  # until the trainer starts a step
+
+    def _register_gather_waits(self, model: nn.Module) -> None:
+        """A forward pre-hook on every module owning parameters waits for their buckets' gathers."""
+        where = {id(p): (buf, b) for buf in self.buffers for b in buf.buckets for p in b.params}
+        for module in model.modules():
+            owned = [where[id(p)] for p in module.parameters(recurse=False) if id(p) in where]
+            if owned:
+                self._handles.append(module.register_forward_pre_hook(_GatherWait(owned)))
+
+    def cast_params(self, dtype: torch.dtype) -> None:
+        """Make every parameter a view of a flat ``dtype`` buffer (see ``GradBuffer.cast_params``)."""
+        for buffer in self.buffers:
+            buffer.cast_params(dtype)
+        self.zero_grad()
 
     def zero_grad(self) -> None:
         """Zero every buffer and (re)attach the ``.grad`` views (an optimizer may have set them to None)."""
@@ -299,13 +395,22 @@ class GradSync:
     def finish_grad_sync(self) -> None:
         """Complete every reduction (async buffers first, in order, then the tp-partial ones)."""
         self._armed = False
+        self.wait_param_gather()  # buckets no forward waited for, before the step overwrites them
         for buffer in sorted(self.buffers, key=lambda b: not b.overlappable):
             buffer.finish()
 
     def all_gather_params(self) -> None:
-        """After a sharded optimizer step: every dp rank gets the whole updated parameters."""
+        """After a sharded optimizer step: every dp rank gets the whole updated parameters.
+
+        With ``overlap_param_gather`` the gathers stay in flight (the next forward waits for them).
+        """
         for buffer in self.buffers:
-            buffer.all_gather_params()
+            buffer.all_gather_params(async_op=self.overlap_param_gather)
+
+    def wait_param_gather(self) -> None:
+        """Wait for every in-flight parameter all-gather (before reading or saving parameters)."""
+        for buffer in self.buffers:
+            buffer.wait_param_gather()
 
     def stats(self) -> dict[str, int]:
         """The last step's overlappable (not tp-partial) buckets.
@@ -332,8 +437,25 @@ class GradSync:
 class _Hook:
     """Post-accumulate-grad hook of one parameter (a class, so it holds no closure cell)."""
 
-    def __init__(self, sync: GradSync, buffer: GradBuffer, bucket: Bucket):
-        self.sync, self.buffer, self.bucket = sync, buffer, bucket
+    def __init__(self, sync: GradSync, buffer: GradBuffer, bucket: Bucket, count: bool):
+        self.sync, self.buffer, self.bucket, self.count = sync, buffer, bucket, count
 
     def __call__(self, param: nn.Parameter) -> None:
-        self.sync._on_grad(self.buffer, self.bucket, param)
+        if param.dtype != torch.float32:  # mixed precision: fp32 main grad, no low-precision grad kept
+            param.main_grad.add_(param.grad)
+            param.grad = None
+        if self.count:
+            self.sync._on_grad(self.buffer, self.bucket, param)
+
+
+class _GatherWait:
+    """Forward pre-hook: wait for the parameter all-gathers of a module's buckets."""
+
+    def __init__(self, owned: list[tuple[GradBuffer, Bucket]]):
+        self.owned = owned
+
+    def __call__(self, _module: nn.Module, _args) -> None:
+        for buffer, bucket in self.owned:
+            if bucket.gather is not None:
+                buffer.wait_param_gather(bucket)
+                buffer.forward_waits += 1

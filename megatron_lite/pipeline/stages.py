@@ -177,6 +177,9 @@ def allreduce_embedding_grads(model: nn.Module, dims) -> None:
     if dims.pp == 1 or not model.cfg.tie_embeddings or getattr(model, "tok_embeddings", None) is None:
         return
     weight = model.tok_embeddings.weight
-    if weight.grad is None:
-        weight.grad = torch.zeros_like(weight)
-    comm.all_reduce(weight.grad, dims.group("embedding"), tag="grad")
+    grad = getattr(weight, "main_grad", None)  # gradient buffers: the fp32 main grad
+    if grad is None:
+        if weight.grad is None:
+            weight.grad = torch.zeros_like(weight)
+        grad = weight.grad
+    comm.all_reduce(grad, dims.group("embedding"), tag="grad")

@@ -162,6 +162,10 @@ def save(
         The final ``iter_N`` directory.
     """
     root, rank = Path(root), dims.rank or 0
+    # Mixed precision: the optimizer's fp32 main values under the model's names (all ranks take
+    # part: the distributed optimizer gathers its shards); fp32 weights: the model's own.
+    main_state = getattr(optimizer, "model_state_dict", None)
+    model_state = main_state(model) if main_state is not None else model.state_dict()
     final = iteration_dir(root, iteration)
     tmp = final.with_name(final.name + ".tmp")
     if rank == 0:
@@ -174,7 +178,7 @@ def save(
         state = {
             "iteration": iteration,
             "consumed_samples": consumed_samples,
-            "model": model.state_dict(),
+            "model": model_state,
             "optimizer": optimizer.state_dict(),
             "scheduler": scheduler.state_dict(),
             "config": config_yaml,
@@ -294,7 +298,9 @@ def load(
     state = read_state(path)
     saved_optim = state["optimizer"]
     try:
-        model.load_state_dict(state["model"], strict=True)
+        model.load_state_dict(state["model"], strict=True)  # cast into bf16 weights if need be
+        if optimizer is not None and hasattr(optimizer, "load_main_state"):
+            optimizer.load_main_state(state["model"])  # the exact fp32 values (or an fp32 run's)
         if optimizer is not None and saved_optim is not None:  # None: a model-only checkpoint
             distributed = hasattr(optimizer, "load_sharded_state_dict")
             if "distributed_optimizer" in saved_optim and not distributed:

@@ -4,17 +4,20 @@
 reduce-scattered, so after ``finish_grad_sync`` data-parallel rank r holds the summed gradients of
 shard r of every bucket (dense buckets over ``dp``, expert buckets over ``edp``). Each rank keeps
 AdamW states for its shards only and steps them; the buckets are then all-gathered so every
-replica holds the whole updated parameters again. Memory per parameter: 4 (fp32 param) + 4 (grad
-buffer) + 8 / dp (Adam moments) bytes instead of 16.
+replica holds the whole updated parameters again.
 
-Parameters are fp32 master weights (``training.runtime``), so a shard's "main parameter" is a
-view of the model parameter itself (``param.view(-1)[lo:hi]``) and its gradient a view of the
-buffer: no copy either way. A shard piece keeps its parameter's weight-decay rule (Megatron's: no
-decay for biases and 1-D parameters), and the inner optimizer is the plain one's AdamW
-(``optimizer.make_adamw``), so the update of every element is the one the plain optimizer makes;
-the LR scheduler drives it through ``param_groups``.
+Mixed precision (bf16/fp16 weights, ``training.runtime``): each rank owns an fp32 main copy of its
+shard pieces only (cloned from the fp32 initial values before the weights are cast), steps it,
+writes the result into its slice of the bf16 parameter buffer (``GradBuffer.cast_params``) and the
+buckets are all-gathered in bf16. Memory per parameter: 2 (bf16 weight) + 4 (fp32 main grad) +
+(4 main param + 8 Adam moments) / dp bytes, Megatron's 2 + 4 + 12/dp. With fp32 weights a shard's
+main parameter is a view of the model parameter itself (``param.view(-1)[lo:hi]``): 4 + 4 + 8/dp.
+A piece's gradient is always a view of the fp32 buffer. A shard piece keeps its parameter's
+weight-decay rule (Megatron's: no decay for biases and 1-D parameters), and the inner optimizer is
+the plain one's AdamW (``optimizer.make_adamw``), so the update of every element is the one the
+plain optimizer makes; the LR scheduler drives it through ``param_groups``.
 
-Gradient clipping sees each rank's shards: ``shard_norm_groups`` turns the trainer's norm groups
+Gradient clipping sees each rank's shards: ``main_norm_groups`` turns the trainer's norm groups
 (tp/pp/ep rules of ``grad_norm_groups``) into groups of shard pieces whose squared sums are also
 added over the group's dp (or edp) group, so every element of a reduced gradient counts once.
 
@@ -23,6 +26,10 @@ layout (``state_dict``); every rank writes its own shard (``sharded_state_dict``
 ``distrib_optim_dp{dp_rank:03d}.pt`` next to it, with the (parameter, flat range) of every
 piece. The same layout loads each rank's own file; another data-parallel size or bucket size is
 resharded: a rank reads every shard file holding its parameters and cuts out its new ranges.
+The fp32 main parameters are not in the shard files: ``model_state_dict`` all-gathers them (fp32,
+at save time only) into the shard writer's full model state, under the usual names, and
+``load_main_state`` cuts each rank's pieces out of it again (rebuilt from the full model state), so
+any dp size resumes and converters read fp32 main values.
 """
 
 from __future__ import annotations
@@ -33,9 +40,11 @@ import torch
 import torch.distributed as dist
 from torch import nn
 
+from megatron_lite.parallel import comm
 from megatron_lite.parallel.grad_buffer import GradSync
 from megatron_lite.pipeline.stages import TIED_EMBEDDING, model_chunks
 from megatron_lite.training.optimizer import (
+    MainParamOptimizer,
     NormGroup,
     build_optimizer,
     make_adamw,
@@ -53,7 +62,7 @@ class ShardPiece:
     lo: int
     hi: int
     dp_group: str  # "dp" or "edp"
-    shard: nn.Parameter  # param.view(-1)[lo:hi] (same storage); .grad is a view of the grad buffer
+    shard: nn.Parameter  # fp32 main values of param.view(-1)[lo:hi]; .grad is a view of the grad buffer
 
 
 class DistributedOptimizer:
@@ -63,14 +72,16 @@ class DistributedOptimizer:
         grad_sync: the model's gradient buffers, built with ``shard=True``.
         opt_cfg: ``OptimizerConfig`` (betas, eps, weight decay; the lr is set by the scheduler).
         dims: the ``ParallelDims`` (the dp/edp groups of the clipping norm).
+        mixed: the weights are about to be cast to a low precision: own fp32 copies of the shard
+            pieces (taken now, from the fp32 values) instead of views of the parameters.
     """
 
-    def __init__(self, grad_sync: GradSync, opt_cfg, dims):
+    def __init__(self, grad_sync: GradSync, opt_cfg, dims, mixed: bool = False):
         if not grad_sync.shard:
             raise ValueError("DistributedOptimizer needs gradient buffers built with shard=True")
-        self.grad_sync, self.dims = grad_sync, dims
-        self.pieces = _shard_pieces(grad_sync)
-        self.shard_params = [piece.shard for piece in self.pieces]
+        self.grad_sync, self.dims, self.mixed = grad_sync, dims, mixed
+        self.pieces = _shard_pieces(grad_sync, copy=mixed)
+        self.main_params = [piece.shard for piece in self.pieces]
         decay = [p.shard for p in self.pieces if not no_weight_decay(p.name, p.param)]
         plain = [p.shard for p in self.pieces if no_weight_decay(p.name, p.param)]
         groups = [
@@ -95,9 +106,46 @@ class DistributedOptimizer:
     def step(self) -> None:
         """Step this rank's shards, then all-gather every bucket's parameters over dp (edp)."""
         self.optimizer.step()
+        if self.mixed and self.pieces:  # cast the main shard into this rank's slice of the weights
+            params = [p.param.detach().view(-1)[p.lo : p.hi] for p in self.pieces]
+            torch._foreach_copy_(params, self.main_params)
         self.grad_sync.all_gather_params()
 
-    def shard_norm_groups(self, groups: list[NormGroup]) -> list[NormGroup]:
+    @torch.no_grad()
+    def model_state_dict(self, model: nn.Module) -> dict[str, torch.Tensor]:
+        """``model.state_dict()``, with the fp32 main values under mixed precision (all ranks call it).
+
+        The main parameters are sharded, so each bucket's fp32 values are all-gathered over its dp
+        group into a temporary buffer (checkpoint time only).
+        """
+        state = model.state_dict()
+        if not self.mixed:
+            return state
+        pieces = {(p.name, p.lo): p.shard for p in self.pieces}
+        for buffer in self.grad_sync.buffers:
+            full = torch.zeros_like(buffer.data)  # [numel] fp32
+            for bucket in buffer.buckets:
+                lo, hi = buffer.shard_range(bucket)
+                for name, (start, end) in zip(bucket.names, bucket.ranges):
+                    a, b = max(lo, start), min(hi, end)
+                    if a < b:
+                        full[a:b].copy_(pieces[(name, a - start)])
+                if buffer.dp_size > 1:
+                    _all_gather_main(full[bucket.start : bucket.end], full[lo:hi], buffer.dp_group)
+                for name, param, (start, end) in zip(bucket.names, bucket.params, bucket.ranges):
+                    if name in state:
+                        state[name] = full[start:end].view_as(param).clone()
+        return state
+
+    @torch.no_grad()
+    def load_main_state(self, model_state: dict[str, torch.Tensor]) -> None:
+        """Cut this rank's fp32 main pieces out of a full model state dict (no-op with fp32 weights)."""
+        if not self.mixed:
+            return
+        for piece in self.pieces:
+            piece.shard.copy_(model_state[piece.name].reshape(-1)[piece.lo : piece.hi])
+
+    def main_norm_groups(self, groups: list[NormGroup]) -> list[NormGroup]:
         """The trainer's norm groups over this rank's shard pieces, also summed over their dp group.
 
         A parameter left out of ``groups`` on this rank (a tp replica, the last stage's tied
@@ -259,8 +307,11 @@ def assemble_piece_states(sources: list[tuple[bool, bool, dict]], numel: dict[st
     return flat
 
 
-def _shard_pieces(grad_sync: GradSync) -> list[ShardPiece]:
-    """Every (parameter, flat range) inside this rank's shard of every bucket, in buffer order."""
+def _shard_pieces(grad_sync: GradSync, copy: bool) -> list[ShardPiece]:
+    """Every (parameter, flat range) inside this rank's shard of every bucket, in buffer order.
+
+    ``copy``: the piece's main values are an fp32 clone, else a view sharing the parameter's storage.
+    """
     pieces = []
     for buffer in grad_sync.buffers:
         for bucket in buffer.buckets:
@@ -269,10 +320,20 @@ def _shard_pieces(grad_sync: GradSync) -> list[ShardPiece]:
                 a, b = max(lo, start), min(hi, end)
                 if a >= b:
                     continue
-                shard = nn.Parameter(param.detach().view(-1)[a - start : b - start])  # shares storage
+                values = param.detach().view(-1)[a - start : b - start]  # [b - a]
+                shard = nn.Parameter(values.float().clone() if copy else values)
                 shard.grad = buffer.data[a:b]  # [b - a], the reduce-scattered gradient lands here
                 pieces.append(ShardPiece(name, param, a - start, b - start, buffer.dp_name, shard))
     return pieces
+
+
+def _all_gather_main(out: torch.Tensor, shard: torch.Tensor, group) -> None:
+    """In-place fp32 all-gather of main-parameter shards (``shard`` is a view of ``out``)."""
+    comm.all_gather_single(out, shard, group, tag="main")
+
+
+def _all_reduce(t: torch.Tensor, group) -> None:
+    comm.all_reduce(t, group)  # squared gradient norms (fp32 scalars)
 
 
 def _then(first, group):
@@ -283,7 +344,7 @@ def _then(first, group):
         if first is not None:
             first(t)
         if size > 1:
-            dist.all_reduce(t, group=group)
+            _all_reduce(t, group)
 
     return all_reduce if first is not None or size > 1 else None
 
@@ -306,14 +367,26 @@ def _check_layout(saved: dict, current: dict) -> None:
         )
 
 
-def build_data_parallel(model: nn.Module, cfg, dims) -> tuple[GradSync | None, object]:
-    """The gradient buffers (None when both data-parallel flags are off) and the optimizer.
+def build_data_parallel(
+    model: nn.Module, cfg, dims, precision: str = "fp32"
+) -> tuple[GradSync | None, object]:
+    """The gradient buffers (None when not needed) and the optimizer; casts the weights last.
 
-    With ``parallel.overlap_grad_reduce`` and ``parallel.distributed_optimizer`` off this is the
-    plain AdamW of ``build_optimizer`` and the trainer reduces gradients as before.
+    Args:
+        model: the local model with its fp32 initial values.
+        cfg: the run's config (``parallel`` data-parallel flags, ``optimizer``).
+        dims: the ``ParallelDims``.
+        precision: ``fp32``, ``bf16`` or ``fp16`` (resolved, ``runtime.precision``).
+
+    With fp32 and every data-parallel flag off this is the plain AdamW of ``build_optimizer`` and
+    the trainer reduces gradients without buffers. bf16/fp16 always have buffers (the fp32 main
+    gradients, even on one process); the optimizer copies the fp32 values into its main
+    parameters before the weights are cast to the compute dtype.
     """
-    par = cfg.parallel
-    if not (par.distributed_optimizer or par.overlap_grad_reduce):
+    from megatron_lite.training.runtime import DTYPES
+
+    par, mixed = cfg.parallel, precision != "fp32"
+    if not (par.distributed_optimizer or par.overlap_grad_reduce or mixed):
         return None, build_optimizer(model, cfg.optimizer)
     own, chunk_of = (), None
     if dims.pp > 1:
@@ -329,7 +402,17 @@ def build_data_parallel(model: nn.Module, cfg, dims) -> tuple[GradSync | None, o
         shard=par.distributed_optimizer,
         own_bucket=own,
         chunk_of=chunk_of,
+        reduce_dtype=DTYPES[par.grad_reduce_dtype],
+        overlap_param_gather=par.overlap_param_gather,
     )
+    if par.overlap_param_gather and not mixed:
+        grad_sync.cast_params(torch.float32)  # fp32 parameter buffer; the shard views are taken after
     if par.distributed_optimizer:
-        return grad_sync, DistributedOptimizer(grad_sync, cfg.optimizer, dims)
-    return grad_sync, build_optimizer(model, cfg.optimizer)
+        optimizer = DistributedOptimizer(grad_sync, cfg.optimizer, dims, mixed=mixed)
+    elif mixed:
+        optimizer = MainParamOptimizer(model, cfg.optimizer)
+    else:
+        optimizer = build_optimizer(model, cfg.optimizer)
+    if mixed:
+        grad_sync.cast_params(DTYPES[precision])
+    return grad_sync, optimizer

@@ -1,8 +1,13 @@
-"""AdamW with Megatron's weight-decay rule, global-norm gradient clipping and fp16 loss scaling.
+"""AdamW with Megatron's weight-decay rule, fp32 main parameters, global-norm clipping, loss scaling.
 
 The optimizer is apex ``FusedAdam`` when apex is importable and the parameters live on CUDA (this
 is the only import of apex in the package, DESIGN.md principle 7), otherwise torch's fused AdamW
 (available on CUDA and CPU in recent torch), otherwise its foreach implementation.
+
+Mixed precision (``MainParamOptimizer``): with bf16/fp16 model weights the optimizer owns an fp32
+main copy of every parameter; its gradient is the parameter's fp32 ``main_grad`` (a view of the
+gradient buffer, ``parallel.grad_buffer``). AdamW steps the main copies, which are then copied
+(cast) into the model's weights. With fp32 weights the plain AdamW steps the parameters directly.
 
 Clipping works on ``NormGroup``s: each group is a list of gradients whose squared sum must be
 added over some set of ranks (``all_reduce``). The caller puts each parameter in exactly one
@@ -72,6 +77,78 @@ def make_adamw(groups: list[dict], opt_cfg) -> torch.optim.Optimizer:
         return torch.optim.AdamW(groups, fused=True, **kwargs)
     except (RuntimeError, ValueError):  # fused kernel not built for this device/dtype
         return torch.optim.AdamW(groups, foreach=True, **kwargs)
+
+
+class MainParamOptimizer:
+    """AdamW over fp32 main copies of low-precision model parameters (not sharded: every dp rank).
+
+    Positions, groups and ``state_dict`` are those of ``build_optimizer`` over the model (its
+    parameter order and weight-decay rule), so checkpoints of either optimizer load into the other.
+
+    Args:
+        model: the local model, still fp32 (its values become the main parameters exactly);
+            every trainable parameter has a ``main_grad`` (``GradSync``).
+        opt_cfg: ``OptimizerConfig``.
+    """
+
+    def __init__(self, model: nn.Module, opt_cfg):
+        self.named = [(n, p) for n, p in model.named_parameters() if p.requires_grad]
+        self.mains: dict[str, nn.Parameter] = {}
+        for name, param in self.named:
+            main = nn.Parameter(param.detach().float().clone())  # exact init values (model still fp32)
+            main.grad = param.main_grad  # the fp32 gradient buffer slice
+            self.mains[name] = main
+        self.main_params = list(self.mains.values())
+        self.optimizer = make_adamw(param_groups(self.mains.items(), opt_cfg.weight_decay), opt_cfg)
+
+    @property
+    def param_groups(self) -> list[dict]:
+        """The inner AdamW's groups (the LR scheduler writes ``lr`` into them)."""
+        return self.optimizer.param_groups
+
+    def zero_grad(self, set_to_none: bool = True) -> None:
+        """Zero the main gradients in place (they are views of the gradient buffers)."""
+        for main in self.main_params:
+            main.grad.zero_()
+
+    @torch.no_grad()
+    def step(self) -> None:
+        """Step the fp32 main parameters, then cast them into the model's weights."""
+        self.optimizer.step()
+        torch._foreach_copy_([p.data for _, p in self.named], self.main_params)
+
+    def main_norm_groups(self, groups: list[NormGroup]) -> list[NormGroup]:
+        """The trainer's norm groups over the main parameters (same members, same reductions)."""
+        main_of = {id(p): self.mains[n] for n, p in self.named}
+        return [
+            NormGroup(
+                [main_of[id(p)] for p in g.params],
+                g.all_reduce,
+                {id(main_of[k]): w for k, w in g.row_weights.items()},
+                g.dp_group,
+            )
+            for g in groups
+        ]
+
+    def model_state_dict(self, model: nn.Module) -> dict[str, torch.Tensor]:
+        """``model.state_dict()`` with the fp32 main values in place of the low-precision weights."""
+        state = model.state_dict()
+        state.update({name: main.detach() for name, main in self.mains.items() if name in state})
+        return state
+
+    @torch.no_grad()
+    def load_main_state(self, model_state: dict[str, torch.Tensor]) -> None:
+        """Take the main values from a (checkpoint's fp32) model state dict."""
+        for name, main in self.mains.items():
+            main.copy_(model_state[name].reshape(main.shape))
+
+    def state_dict(self) -> dict:
+        """The inner AdamW's state (the format of the plain optimizer's)."""
+        return self.optimizer.state_dict()
+
+    def load_state_dict(self, state: dict) -> None:
+        """Restore ``state_dict`` (also a plain fp32 optimizer's)."""
+        self.optimizer.load_state_dict(state)
 
 
 @dataclass

@@ -1,13 +1,28 @@
 """Where a run executes: checks that need the world size, device, precision, process groups, seeds.
 
-Precision: parameters, gradients and optimizer states stay fp32 ("master weights") and the
-forward/backward runs under ``torch.autocast`` with bf16 (or fp16 + loss scaling). We chose this
-over bf16 parameters with a separate fp32 main copy because there is no second copy of the weights
-to keep in sync (16 bytes/param: 4 param + 4 grad + 8 Adam, versus 18 for Megatron's bf16 params +
-fp32 grad buffer + fp32 main params), checkpoints hold exact fp32 values, gradients accumulate over
-microbatches in fp32, and torch's fused AdamW steps the parameters directly. The cost: autocast
-casts each weight to bf16 once per microbatch forward (a transient bf16 copy, kept for backward),
-a few percent of step time at the sizes this framework targets.
+Precision (Megatron-LM's and torchtitan's recipe, DESIGN.md principle 10). With ``training.precision
+bf16`` (or fp16) the model's parameters are materialized in fp32 (so the initial values are exact),
+copied into the optimizer's fp32 main parameters, then cast to the compute dtype
+(``distributed_optimizer.build_data_parallel``). From then on:
+
+* weights and activations are bf16: every matmul takes bf16 operands (the MoE expert GEMMs too),
+  activations travel bf16 on every wire, and no weight is cast per microbatch;
+* gradients accumulate over microbatches into fp32 main gradients, the data-parallel gradient
+  buffers (``parallel.grad_buffer``; they exist whenever precision is not fp32, even on one
+  process), reduced in fp32 unless ``parallel.grad_reduce_dtype bf16``;
+* the optimizer (``optimizer.MainParamOptimizer``, or the distributed optimizer sharding them over
+  dp) owns fp32 main parameters and Adam states, steps them from the main gradients and copies the
+  result back into the bf16 weights; checkpoints hold the fp32 main values, so resume is exact;
+* fp16 adds dynamic loss scaling: the fp32 main gradients are unscaled and a step with a
+  non-finite norm is skipped.
+
+No autocast: with bf16 weights it would only decide the dtype of the few ops that want fp32, and
+those say so explicitly instead: RMSNorm and RoPE compute in fp32 and return the input dtype, the
+router's softmax/top-k and the cross entropy run on fp32 copies of their logits. ``autocast()`` is
+therefore a no-op kept as the forward-context hook of the trainer and the pipeline executor.
+Memory per parameter: 2 (bf16 weight) + 4 (main grad) + 4 (main param) + 8 (Adam), with the
+distributed optimizer 2 + 4 + 12/dp (``benchmarks/bench_memory.py``). fp32 precision keeps fp32
+parameters stepped directly by AdamW (4 + 4 + 8/dp with the distributed optimizer).
 
 Everything parallel goes through the ``ParallelDims`` object (a world of one on one process, where it
 creates no process groups); there is no module-level state.
@@ -77,6 +92,7 @@ def check_run_config(cfg: Config, world_size: int) -> int:
     check_pipeline_config(cfg, tr.global_batch_size // (tr.micro_batch_size * dp))
     if tr.device == "cuda" and not torch.cuda.is_available():
         raise ConfigError("training.device is 'cuda' but no CUDA device is available")
+    _check_precision(cfg)
     _check_attention(cfg)
     opt = cfg.optimizer
     decay = opt.lr_decay_iters if opt.lr_decay_iters is not None else tr.train_iters
@@ -87,6 +103,22 @@ def check_run_config(cfg: Config, world_size: int) -> int:
         )
     check_backends(cfg.logging)
     return dp
+
+
+def _check_precision(cfg: Config) -> None:
+    """The precision must run on this device, and the data-parallel settings must suit it."""
+    device = resolve_device(cfg.training.device)
+    precision = resolve_precision(cfg.training.precision, device)
+    if precision == "bf16" and device.type == "cuda" and not torch.cuda.is_bf16_supported():
+        raise ConfigError(
+            f"training.precision 'bf16' is not supported by {torch.cuda.get_device_name(device)}; "
+            "use 'fp16' (with loss scaling) or 'fp32'"
+        )
+    if cfg.parallel.grad_reduce_dtype == "bf16" and precision != "bf16":
+        raise ConfigError(
+            f"parallel.grad_reduce_dtype 'bf16' needs training.precision bf16 (it is {precision!r}): "
+            "a bf16 sum keeps 8 mantissa bits, fewer than the gradients it reduces; use fp32"
+        )
 
 
 def _check_attention(cfg: Config) -> None:
@@ -131,11 +163,14 @@ class Runtime:
         """The last rank prints (it holds the loss once pipeline stages exist, as in Megatron)."""
         return self.rank == self.world_size - 1
 
+    @property
+    def dtype(self) -> torch.dtype:
+        """The compute (parameter and activation) dtype."""
+        return DTYPES[self.precision]
+
     def autocast(self) -> contextlib.AbstractContextManager:
-        """Mixed-precision context for forward passes (a no-op in fp32)."""
-        if self.precision == "fp32":
-            return contextlib.nullcontext()
-        return torch.autocast(self.device.type, dtype=DTYPES[self.precision])
+        """Context of forward passes: a no-op (the weights carry the dtype; module docstring)."""
+        return contextlib.nullcontext()
 
     def all_reduce_dp(self, t: torch.Tensor) -> torch.Tensor:
         """Sum ``t`` in place over the data-parallel group (identity on one process)."""

@@ -39,7 +39,7 @@ def setup_training(
     """
     say = log if runtime.is_logging_rank else (lambda _line: None)
     model = build_local_model(cfg, runtime)
-    grad_sync, optimizer = build_data_parallel(model, cfg, runtime.dims)
+    grad_sync, optimizer = build_data_parallel(model, cfg, runtime.dims, runtime.precision)
     scheduler = build_scheduler(optimizer, cfg.optimizer, cfg.training.train_iters)
     scaler = DynamicLossScaler(runtime.precision == "fp16")
     iteration, consumed, consumed_valid, state = 0, 0, 0, None
@@ -52,6 +52,8 @@ def setup_training(
                 scaler.load_state_dict(state["extra"]["scaler"])
     if state is None and cfg.training.initial_load:
         what = load_initial_weights(model, cfg.training.initial_load, cfg, runtime.dims)
+        if hasattr(optimizer, "load_main_state"):  # the weights are loaded in the compute dtype
+            optimizer.load_main_state(model.state_dict())
         say(f" > initial weights from {cfg.training.initial_load} ({what})")
     train, valid, _test, eod = build_datasets(cfg)
     dims, mbs = runtime.dims, cfg.training.micro_batch_size

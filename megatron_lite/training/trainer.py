@@ -158,9 +158,9 @@ class Trainer:
         self.params = [p for p in model.parameters() if p.requires_grad]
         self.norm_groups = grad_norm_groups(model, runtime)
         self.grad_sync, self.exit_signal = grad_sync, exit_signal
-        if hasattr(optimizer, "shard_norm_groups"):  # distributed optimizer: a rank holds 1/dp of each grad
-            self.norm_groups = optimizer.shard_norm_groups(self.norm_groups)
-            self.params = optimizer.shard_params
+        if hasattr(optimizer, "main_norm_groups"):  # fp32 main params (mixed precision, ZeRO-1 shards)
+            self.norm_groups = optimizer.main_norm_groups(self.norm_groups)
+            self.params = optimizer.main_params
         self.flops_per_token = metrics.flops_per_token(cfg.model, cfg.data.seq_length)
         self.peak = metrics.device_peak_tflops(runtime.device, cfg.logging.peak_tflops)
         self.is_moe = bool(getattr(model, "moe_layers", list)())
@@ -262,6 +262,8 @@ class Trainer:
                 break
         if tr.save and saved_at != self.iteration and self.iteration > first:
             self.save()
+        if self.grad_sync is not None:
+            self.grad_sync.wait_param_gather()  # the model's weights are complete when train returns
         return self.history
 
     def _accumulate(self, it: _Interval, r: StepResult) -> None:
@@ -326,6 +328,8 @@ class Trainer:
 
     def save(self) -> int:
         """Checkpoint the current state into ``training.save``; returns the iteration saved."""
+        if self.grad_sync is not None:
+            self.grad_sync.wait_param_gather()
         valid = self.valid_stream.consumed_samples if self.valid_stream is not None else 0
         path = checkpoint.save(
             self.cfg.training.save,
