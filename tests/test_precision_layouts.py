@@ -199,7 +199,7 @@ def _body(rank: int, world_size: int, cases: dict, out_dir: str):
             dist.all_gather_object(gathered, grads)
             errors = _grad_errors(gathered, ref_grads, model_cfg, dims)
             worst = max(errors, key=errors.get)
-            err["grad"] = errors[worst]
+            err["grad"], err["worst"] = errors[worst], worst
             assert errors[worst] <= GRAD_RTOL, (case, rank, worst, errors[worst])
         if record:
             _check_wires(case, records, overrides)
@@ -221,10 +221,15 @@ def _check_wires(case: str, records: list, overrides: list[str]) -> None:
     expected = {"activation": {torch.bfloat16}, "grad": {torch.float32}, "param": {torch.bfloat16}}
     expected["stat"] = {torch.float32, torch.int64}
     seen = {(r.kind, r.tag) for r in records}
-    for r in records:
-        assert r.dtype in expected.get(r.tag, ()), (case, r)
-        if r.tag == "stat":  # at most one fp32 value per token of a microbatch row (cross entropy)
-            assert r.nbytes <= 4 * cfg.training.micro_batch_size * cfg.data.seq_length, (case, r)
+    bad = {(r.kind, r.tag, r.dtype, r.group_size) for r in records if r.dtype not in expected.get(r.tag, ())}
+    assert not bad, (case, sorted(map(str, bad)))
+    # Stats are small: at most one fp32 value per token of a microbatch (cross-entropy rows).
+    big = [
+        r
+        for r in records
+        if r.tag == "stat" and r.nbytes > 4 * cfg.training.micro_batch_size * cfg.data.seq_length
+    ]
+    assert not big, (case, big)
     b, s, h, tp = (
         cfg.training.micro_batch_size,
         cfg.data.seq_length,

@@ -247,12 +247,12 @@ class _CopyToRegion(torch.autograd.Function):
 
 class _ReduceFromRegion(torch.autograd.Function):
     @staticmethod
-    def forward(ctx, x, group):
-        return all_reduce_(x.clone(memory_format=torch.contiguous_format), group, tag="activation")
+    def forward(ctx, x, group, tag):
+        return all_reduce_(x.clone(memory_format=torch.contiguous_format), group, tag=tag)
 
     @staticmethod
     def backward(ctx, grad):
-        return grad, None
+        return grad, None, None
 
 
 class _ScatterToSequence(torch.autograd.Function):
@@ -333,9 +333,12 @@ def copy_to_region(x: torch.Tensor, group) -> torch.Tensor:
     return x if group_size(group) == 1 else _CopyToRegion.apply(x, group)
 
 
-def reduce_from_region(x: torch.Tensor, group) -> torch.Tensor:
-    """Leave a tensor-parallel region by summing partial results: all-reduce; backward identity."""
-    return x if group_size(group) == 1 else _ReduceFromRegion.apply(x, group)
+def reduce_from_region(x: torch.Tensor, group, tag: str = "activation") -> torch.Tensor:
+    """Leave a tensor-parallel region by summing partial results: all-reduce; backward identity.
+
+    ``tag`` names the payload for :class:`CommRecorder` (``stat`` for MoE routing statistics).
+    """
+    return x if group_size(group) == 1 else _ReduceFromRegion.apply(x, group, tag)
 
 
 def scatter_to_sequence(x: torch.Tensor, group, dim: int = 1) -> torch.Tensor:
