@@ -10,6 +10,9 @@ all-gather against the synchronous one (bitwise), a bf16 gradient reduction, and
 from __future__ import annotations
 
 import os
+import subprocess
+import sys
+from pathlib import Path
 
 import pytest
 import torch
@@ -142,6 +145,16 @@ def test_fp32_checkpoint_of_the_old_recipe_loads_into_a_bf16_run(tmp_path, zero1
     assert moments and all(s["exp_avg"].dtype == torch.float32 for s in moments.values())
 
 
+def test_initial_load_gives_the_main_params_the_exact_fp32_values(tmp_path):
+    ckpt = str(tmp_path / "ckpt")
+    _trainer(*BF16, "--training.save", ckpt, "--training.train_iters", "2").train()
+    saved = torch.load(tmp_path / "ckpt/iter_0000002/mp_rank_00/model_optim_rng.pt", weights_only=True)
+    fresh = _trainer(*BF16, "--training.initial_load", ckpt, "--training.train_iters", "2")
+    assert fresh.iteration == 0
+    for name, main in fresh.optimizer.mains.items():
+        assert torch.equal(main, saved["model"][name]), name  # not the bf16 rounding of them
+
+
 @pytest.mark.parametrize(
     "overrides, message",
     [
@@ -225,4 +238,29 @@ def test_dp2_distributed_optimizer_bf16_matches_one_process_and_overlap_is_exact
     reference = _trainer(*BF16, *MOE, "--training.micro_batch_size", "4")
     expected = [(r.loss, r.grad_norm) for r in reference.train()]
     run_distributed(_dp2_body, 2, expected, str(tmp_path))
-    assert checkpoint.latest_iteration(tmp_path / "ckpt") == 3
+    ckpt = tmp_path / "ckpt"
+    assert checkpoint.latest_iteration(ckpt) == 3
+    # The dp=2 checkpoint resumes on one process: main params rebuilt from the fp32 model state.
+    resumed = _trainer(*BF16, *MOE, *ZERO1, "--training.load", str(ckpt))
+    saved = torch.load(ckpt / "iter_0000003/mp_rank_00/model_optim_rng.pt", weights_only=True)["model"]
+    assert resumed.iteration == 3
+    for name, main in resumed.optimizer.model_state_dict(resumed.model).items():
+        assert main.dtype == torch.float32 and torch.equal(main, saved[name]), name
+    assert all(not r.skipped for r in resumed.train())
+
+
+@pytest.mark.slow
+def test_bench_memory_smoke():
+    script = Path(__file__).resolve().parents[1] / "benchmarks/bench_memory.py"
+    out = subprocess.run(
+        [sys.executable, str(script), "--tiny", "--layouts", "dp1_zero1"],
+        capture_output=True,
+        text=True,
+        check=True,
+        timeout=300,
+    ).stdout
+    (row,) = [line.split() for line in out.splitlines() if line.startswith("tiny")]
+    weights, grads, mains, states, total, target = map(float, row[4:])
+    assert (weights, grads) == pytest.approx((2.0, 4.0), abs=0.01)  # bf16 weights, fp32 main grads
+    assert (mains, states) == pytest.approx((4.0, 8.0), abs=0.01)  # fp32 main params, Adam moments
+    assert total == pytest.approx(target, abs=0.02) and target == 18.0
