@@ -22,6 +22,8 @@ from tiny import TINY_MODEL
 from megatron_lite import ops
 from megatron_lite.config import ConfigError, load_config
 from megatron_lite.models import build_model
+from megatron_lite.parallel.dims import ParallelDims
+from megatron_lite.parallel.grad_buffer import GradSync
 from megatron_lite.parallel.parallelize import materialize_local
 from megatron_lite.training import checkpoint
 from megatron_lite.training.runtime import check_run_config, init_runtime
@@ -201,8 +203,31 @@ def test_bf16_on_a_gpu_without_bf16_is_refused(monkeypatch):
 LOSS_RTOL = 2e-3
 
 
+def _bf16_reduction(rank: int, world_size: int) -> None:
+    """``grad_reduce_dtype bf16``: the fp32 buffer receives the bf16 sum, all-reduced or scattered."""
+    dims = ParallelDims.build(world_size)
+    dims.create_groups()
+    for shard in (False, True):
+        model = torch.nn.Linear(64, 48)
+        sync = GradSync(model, dims, bucket_mb=1e-9, shard=shard, reduce_dtype=torch.bfloat16)
+        sync.start_step(1)
+        values = [
+            torch.randn(sync.buffers[0].data.shape, generator=torch.Generator().manual_seed(r))
+            for r in (0, 1)
+        ]
+        sync.buffers[0].data.copy_(values[rank] * 1.001)  # not bf16-representable
+        sync.finish_grad_sync()
+        (buffer,) = sync.buffers
+        want = sum(v.mul(1.001).bfloat16().float() for v in values).bfloat16().float()
+        for bucket in buffer.buckets:
+            lo, hi = buffer.shard_range(bucket) if shard else (bucket.start, bucket.end)
+            assert torch.equal(buffer.data[lo:hi], want[lo:hi]), (shard, bucket.index)
+    dims.destroy_groups()
+
+
 def _dp2_body(rank: int, world_size: int, expected: list, root: str) -> None:
     os.environ["WORLD_SIZE"] = str(world_size)
+    _bf16_reduction(rank, world_size)
     sync_run = _trainer(*BF16, *MOE, *ZERO1, world_size=world_size)
     got = [(r.loss, r.grad_norm) for r in sync_run.train()]
     for (loss, norm), (ref_loss, ref_norm) in zip(got, expected, strict=True):
