@@ -133,6 +133,33 @@ def _body(rank, world):
     )
     expected = torch.cat([_rand((sum(send[j]), 4), 100 + j).split(send[j])[rank] for j in range(world)])
     torch.testing.assert_close(out, expected)
+    _check_recorder(rank, world, group)
+
+
+def _check_recorder(rank, world, group):
+    """The recorder notes kind, tag, group size, dtype and bytes of every wrapped call, nested too."""
+    x = torch.ones(2, 4, 3, dtype=torch.bfloat16, requires_grad=True)  # 48 bytes
+    with comm.CommRecorder() as outer:
+        with comm.CommRecorder() as inner:
+            y = comm.gather_from_sequence(x, group, dim=1)  # [2, 8, 3] bf16: 96 bytes gathered
+        y.float().sum().backward()  # reduce-scatter of the fp32-cast gradient (cast back to bf16)
+        comm.all_reduce_(torch.zeros(3), group)
+        peer = 1 - rank
+        ops = [dist.P2POp(dist.isend, torch.zeros(5, dtype=torch.float16), group=group, group_peer=peer)]
+        ops.append(dist.P2POp(dist.irecv, torch.empty(5, dtype=torch.float16), group=group, group_peer=peer))
+        for work in comm.batch_isend_irecv(ops, group):
+            work.wait()
+    comm.all_reduce_(torch.zeros(1), group)  # outside: not recorded
+    rec = comm.CommRecord
+    assert inner.records == [rec("all_gather", "activation", world, torch.bfloat16, 96)]
+    assert outer.records == [
+        *inner.records,
+        rec("reduce_scatter", "activation", world, torch.bfloat16, 96),
+        rec("all_reduce", "stat", world, torch.float32, 12),
+        rec("send", "activation", world, torch.float16, 10),
+        rec("recv", "activation", world, torch.float16, 10),
+    ]
+    assert outer.summary()[("all_gather", "activation", "bfloat16")] == 96
 
 
 def test_comm_primitives_forward_and_adjoint():

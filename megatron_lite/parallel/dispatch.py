@@ -1,8 +1,14 @@
 """Expert-parallel token dispatchers for ``models.common.moe.MoE`` (same interface as LocalDispatcher).
 
-    dispatch(x [T, h], indices [T, k], weights [T, k], num_experts)
+    dispatch(x [T, h], indices [T, k], weights [T, k], tokens_per_expert [E])
         -> (expert_input [N, h] grouped by local expert, tokens_per_local_expert [E_local], ctx)
     combine(expert_output [N, h], ctx) -> [T, h]
+
+``tokens_per_expert`` is the top-k op's count of this rank's (token, slot) pairs per global
+expert; it is reused here (no second bincount). Tokens travel in ``x``'s dtype (the compute
+dtype: bf16 under bf16 training); routing weights stay fp32. Each dispatch makes exactly one
+device-to-host copy (split sizes must be host integers) and returns the local counts on the
+host, which is where the per-expert GEMM loop wants them.
 
 Experts are split over the EP group (ep rank j holds experts ``[j * E_local, (j + 1) * E_local)``)
 and each expert's F dim over the ETP group. Every rank brings its own tokens (under tensor
@@ -76,22 +82,23 @@ class AllToAllDispatcher:
             raise ValueError(f"num_experts ({num_experts}) is not divisible by expert_parallel ({self.ep})")
         self.num_local = num_experts // self.ep
 
-    def dispatch(self, x: torch.Tensor, indices: torch.Tensor, weights: torch.Tensor, num_experts: int):
+    def dispatch(self, x: torch.Tensor, indices: torch.Tensor, weights: torch.Tensor, tokens_per_expert):
         """Send every token copy to the ranks holding its expert; see the module docstring."""
         permuted, row_map = ops.moe_permute(x, indices)  # [T*k, h] grouped by global expert
-        counts = torch.bincount(indices.flatten(), minlength=num_experts).view(self.ep, self.num_local)
+        counts = tokens_per_expert.view(self.ep, self.num_local)  # [ep, El] rows for each ep rank
         recv = comm.all_to_all_counts(counts, self.ep_group)  # [ep, El]: rows coming from each ep rank
         recv_all = comm.all_gather_stack(recv, self.etp_group)  # [etp, ep, El]
-        # Split sizes must be host integers; this is the one device sync of the dispatch.
-        recv_all = recv_all.cpu()
-        send_splits = counts.sum(1).tolist()
-        recv_splits = recv.sum(1).tolist()
+        # Split sizes must be host integers; this is the one device-to-host copy of the dispatch.
+        host = torch.cat([counts.sum(1), recv_all.flatten()]).cpu()
+        send_splits = host[: self.ep].tolist()
+        recv_all = host[self.ep :].view(self.etp, self.ep, self.num_local)
+        recv_splits = recv_all[comm.group_rank(self.etp_group)].sum(1).tolist()
         etp_sizes = recv_all.sum((1, 2)).tolist()
         h = comm.all_to_all(permuted, recv_splits, send_splits, self.ep_group)  # [n_ep, h] by (src, e)
         h = comm.all_gather_tokens(h, etp_sizes, self.etp_group)  # [n, h] by (etp src, ep src, e)
         order = _chunk_order(recv_all.view(-1, self.num_local))
         expert_in = h.index_select(0, order.to(h.device))  # [n, h] grouped by local expert
-        tokens = recv_all.sum((0, 1)).to(x.device)  # [El]
+        tokens = recv_all.sum((0, 1))  # [El] on the host
         return expert_in, tokens, _AllToAllCtx(row_map, weights, send_splits, recv_splits, etp_sizes, order)
 
     def combine(self, expert_output: torch.Tensor, ctx: _AllToAllCtx) -> torch.Tensor:
@@ -129,19 +136,23 @@ class AllGatherDispatcher:
         self.num_local = num_experts // ep_size
         self.first = ep_rank * self.num_local
 
-    def dispatch(self, x: torch.Tensor, indices: torch.Tensor, weights: torch.Tensor, num_experts: int):
+    def dispatch(self, x: torch.Tensor, indices: torch.Tensor, weights: torch.Tensor, tokens_per_expert):
         """Gather all tokens, keep the copies routed to local experts, grouped by expert."""
         k = indices.shape[1]
-        sizes = comm.all_gather_sizes(x.shape[0], self.group, device=x.device)
+        # Every rank's token count and tokens-per-expert in one collective and one host copy.
+        meta = torch.cat([tokens_per_expert.new_tensor([x.shape[0]]), tokens_per_expert])  # [1 + E]
+        meta = comm.all_gather_stack(meta, self.group).cpu()  # [g, 1 + E]
+        sizes = meta[:, 0].tolist()
+        # [El] on the host: copies routed to each local expert, from every rank of the block.
+        tokens = meta[:, 1 + self.first : 1 + self.first + self.num_local].sum(0)
         x_all = comm.all_gather_tokens(x, sizes, self.group)  # [T_all, h]
-        weights_all = comm.all_gather_tokens(weights, sizes, self.group)  # [T_all, k]
-        indices_all = comm.all_gather_tokens(indices, sizes, self.group)  # [T_all, k]
+        weights_all = comm.all_gather_tokens(weights, sizes, self.group, tag="stat")  # [T_all, k] fp32
+        indices_all = comm.all_gather_tokens(indices, sizes, self.group, tag="stat")  # [T_all, k]
         local = indices_all.flatten() - self.first  # [T_all * k]
         mine = (local >= 0) & (local < self.num_local)
         # Sort the copies by local expert; copies of other ranks' experts get key num_local (last).
         key = torch.where(mine, local, self.num_local)
-        slots = torch.sort(key, stable=True).indices[: int(mine.sum())]  # flat t * k + j
-        tokens = torch.bincount(key[slots], minlength=self.num_local)  # [El]
+        slots = torch.sort(key, stable=True).indices[: int(tokens.sum())]  # flat t * k + j
         expert_in = x_all.index_select(0, torch.div(slots, k, rounding_mode="floor"))  # [N, h]
         return expert_in, tokens, _AllGatherCtx(slots, slots // k, weights_all, sizes)
 

@@ -52,27 +52,24 @@ import torch
 import torch.distributed as dist
 from torch import nn
 
+from megatron_lite.parallel import comm
 from megatron_lite.parallel.buckets import SHARD_ALIGN, Bucket, layout_buckets, mb_to_elements
 from megatron_lite.parallel.grads import grad_reduce_groups
 
 __all__ = ["SHARD_ALIGN", "Bucket", "GradBuffer", "GradSync", "mb_to_elements"]
 
-# torch 2.13 renamed the single-tensor collectives; keep working on older releases too.
-_all_gather_single = getattr(dist, "all_gather_single", None) or dist.all_gather_into_tensor
-_reduce_scatter_single = getattr(dist, "reduce_scatter_single", None) or dist.reduce_scatter_tensor
 
-
-# Every collective of this file goes through one of these (one place to route them elsewhere).
+# Every collective of this file goes through one of these: the comm layer's recorded wrappers.
 def _all_reduce(t: torch.Tensor, group, async_op: bool = False):
-    return dist.all_reduce(t, group=group, async_op=async_op)
+    return comm.all_reduce(t, group, async_op=async_op, tag="grad")
 
 
 def _reduce_scatter(out: torch.Tensor, inp: torch.Tensor, group, async_op: bool = False):
-    return _reduce_scatter_single(out, inp, group=group, async_op=async_op)
+    return comm.reduce_scatter_single(out, inp, group, async_op=async_op, tag="grad")
 
 
 def _all_gather(out: torch.Tensor, inp: torch.Tensor, group, async_op: bool = False):
-    return _all_gather_single(out, inp, group=group, async_op=async_op)
+    return comm.all_gather_single(out, inp, group, async_op=async_op, tag="param")
 
 
 class GradBuffer:

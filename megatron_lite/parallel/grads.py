@@ -49,7 +49,7 @@ def allreduce_gradients(model: nn.Module, dims) -> None:
     for groups, params in buckets.items():
         flat = torch.cat([p.grad.reshape(-1) for p in params])
         for group in groups:
-            all_reduce_(flat, dims.group(group))
+            all_reduce_(flat, dims.group(group), tag="grad")
         offset = 0
         for p in params:
             n = p.grad.numel()

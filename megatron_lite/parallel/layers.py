@@ -35,10 +35,12 @@ class _SyncReplicaGrads(torch.autograd.Function):
     def backward(ctx, grad):
         grad = grad.clone()
         rows = ctx.pieces[0][1] - ctx.pieces[0][0]
-        buf = grad.new_zeros((len(ctx.pieces), ctx.num_units, rows, *grad.shape[1:]))
+        # Summed in fp32 like every other gradient reduction (one rounding back to a bf16 grad).
+        shape = (len(ctx.pieces), ctx.num_units, rows, *grad.shape[1:])
+        buf = grad.new_zeros(shape, dtype=torch.float32)
         for i, (start, end, unit) in enumerate(ctx.pieces):
             buf[i, unit] = grad[start:end]
-        comm.all_reduce_(buf, ctx.group)
+        comm.all_reduce_(buf, ctx.group, tag="grad")
         for i, (start, end, unit) in enumerate(ctx.pieces):
             grad[start:end] = buf[i, unit]
         return grad, None, None, None

@@ -209,7 +209,8 @@ class ExpertParallelMoE(Style):
         # Sum the routing statistics over every rank of the stage (they share the global batch),
         # so the aux and z losses equal the single-process ones. Backward is the identity: each
         # rank backpropagates its own tokens' share, and gradient summation adds the shares.
-        module.aux_loss_reduce = functools.partial(comm.reduce_from_region, group=dims.group("tp_dp"))
+        group = dims.group("tp_dp")
+        module.aux_loss_reduce = functools.partial(comm.reduce_from_region, group=group, tag="stat")
         if dims.tp > 1:
             state.tp_partial_grads.add(_join(name, "router.weight"))
             if not state.sequence_parallel:

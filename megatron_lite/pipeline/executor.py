@@ -20,7 +20,8 @@ until its send completed. Nothing of a microbatch outlives its backward.
 Data: every pipeline rank loads the same microbatches (``BatchStream`` slices by data-parallel
 rank only), so the labels, the loss mask and the packed-sequence metadata (``position_ids``,
 ``cu_seqlens``, ``max_seqlen``) are local on every stage; only hidden states and their gradients
-travel, with the fixed shape ``[b, s, h]`` (``[b, s/tp, h]`` under sequence parallel) and dtype.
+travel, with the fixed shape ``[b, s, h]`` (``[b, s/tp, h]`` under sequence parallel) and dtype
+(the compute dtype: bf16 under bf16 training).
 
 Backward: the last stage back-propagates the loss objective; the others call
 ``torch.autograd.backward(output, grad)`` with the received gradient. MoE layers attach their
@@ -38,6 +39,7 @@ import torch
 import torch.distributed as dist
 from torch import nn
 
+from megatron_lite.parallel import comm
 from megatron_lite.pipeline.actions import Action
 from megatron_lite.pipeline.placement import is_first_stage, is_last_stage
 
@@ -74,7 +76,7 @@ LossFn = Callable[[torch.Tensor, object], tuple[torch.Tensor, torch.Tensor]]
 def warm_up(group, device: torch.device | str) -> None:
     """One collective over the pipeline group (torch needs it before the first batched p2p)."""
     if group is not None:
-        dist.all_reduce(torch.zeros(1, device=device), group=group)
+        comm.all_reduce(torch.zeros(1, device=device), group)
 
 
 @dataclass
@@ -209,7 +211,7 @@ class PipelineExecutor:
             op = dist.isend if a.is_send else dist.irecv
             ops.append(dist.P2POp(op, tensor, group=self.group, group_peer=a.peer))
             batch.tensors.append(tensor)
-        batch.works = dist.batch_isend_irecv(ops)
+        batch.works = comm.batch_isend_irecv(ops, self.group)
         st.pending.append(batch)
 
     def _take(self, st: _Step, direction: str, chunk: int, mb: int) -> torch.Tensor:
@@ -297,6 +299,6 @@ class PipelineExecutor:
     def _reduce_totals(self, totals: torch.Tensor) -> torch.Tensor:
         """Sum over the pipeline group; -> [report sum, aux mean, z mean]."""
         if self.group is not None:
-            dist.all_reduce(totals, group=self.group)
+            comm.all_reduce(totals, self.group)
         count = totals[3].clamp(min=1.0)
         return torch.stack([totals[0], totals[1] / count, totals[2] / count])

@@ -21,10 +21,10 @@ from __future__ import annotations
 from dataclasses import dataclass
 
 import torch
-import torch.distributed as dist
 from torch import nn
 
 from megatron_lite.config import Config, ConfigError
+from megatron_lite.parallel import comm
 from megatron_lite.pipeline.placement import is_first_stage, is_last_stage, layer_placement
 from megatron_lite.pipeline.schedules import build_schedule
 
@@ -182,4 +182,4 @@ def allreduce_embedding_grads(model: nn.Module, dims) -> None:
         if weight.grad is None:
             weight.grad = torch.zeros_like(weight)
         grad = weight.grad
-    dist.all_reduce(grad, group=dims.group("embedding"))
+    comm.all_reduce(grad, dims.group("embedding"), tag="grad")

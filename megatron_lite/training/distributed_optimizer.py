@@ -40,7 +40,8 @@ import torch
 import torch.distributed as dist
 from torch import nn
 
-from megatron_lite.parallel.grad_buffer import GradSync, _all_gather_single
+from megatron_lite.parallel import comm
+from megatron_lite.parallel.grad_buffer import GradSync
 from megatron_lite.pipeline.stages import TIED_EMBEDDING, model_chunks
 from megatron_lite.training.optimizer import (
     MainParamOptimizer,
@@ -328,11 +329,11 @@ def _shard_pieces(grad_sync: GradSync, copy: bool) -> list[ShardPiece]:
 
 def _all_gather_main(out: torch.Tensor, shard: torch.Tensor, group) -> None:
     """In-place fp32 all-gather of main-parameter shards (``shard`` is a view of ``out``)."""
-    _all_gather_single(out, shard, group=group)
+    comm.all_gather_single(out, shard, group, tag="main")
 
 
 def _all_reduce(t: torch.Tensor, group) -> None:
-    dist.all_reduce(t, group=group)
+    comm.all_reduce(t, group)  # squared gradient norms (fp32 scalars)
 
 
 def _then(first, group):

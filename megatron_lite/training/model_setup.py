@@ -217,11 +217,11 @@ def grad_norm_groups(model: nn.Module, runtime: Runtime) -> list[NormGroup]:
 
 
 def _reducer(*groups):
-    import torch.distributed as dist
+    from megatron_lite.parallel import comm
 
     def all_reduce(t: torch.Tensor) -> None:
         for group in groups:
             if group is not None:
-                dist.all_reduce(t, group=group)
+                comm.all_reduce(t, group)
 
     return all_reduce

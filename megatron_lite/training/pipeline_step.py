@@ -18,7 +18,7 @@ from megatron_lite.pipeline.executor import PipelineExecutor, warm_up
 from megatron_lite.pipeline.schedules import build_schedule, forward_only
 from megatron_lite.pipeline.stages import activation_shape, model_chunks
 from megatron_lite.training.model_setup import masked_loss_sum
-from megatron_lite.training.runtime import Runtime
+from megatron_lite.training.runtime import DTYPES, Runtime
 
 
 class PipelineStep:
@@ -36,9 +36,10 @@ class PipelineStep:
         self.pp_rank, self.group = dims.local.pp, dims.group("pp")
         self.chunks = model_chunks(model, cfg, self.pp_rank)
         self.shape = activation_shape(cfg, dims.tp)
-        # Parameters are fp32 master weights and autocast keeps the residual stream in their dtype,
-        # so hidden states travel in it: the pipelined run computes exactly what one process does.
-        self.dtype = next(model.parameters()).dtype
+        # Hidden states and their gradients travel in the compute dtype (bf16 under bf16 training:
+        # half the bytes of fp32), as in Megatron. With bf16 weights the residual stream is bf16
+        # already, so the pipelined run still computes what one process does.
+        self.dtype = DTYPES[runtime.precision]
         self._executors: dict[tuple[str, int], PipelineExecutor] = {}
         warm_up(self.group, runtime.device)
 

@@ -41,6 +41,7 @@ import torch.distributed as dist
 
 from megatron_lite.config import Config, ConfigError
 from megatron_lite.models.common.attention_backends import flash_attn_available
+from megatron_lite.parallel import comm
 from megatron_lite.parallel.dims import ParallelDims, validate_layout
 from megatron_lite.pipeline.stages import check_pipeline_config
 from megatron_lite.training.logging import check_backends
@@ -174,7 +175,7 @@ class Runtime:
     def all_reduce_dp(self, t: torch.Tensor) -> torch.Tensor:
         """Sum ``t`` in place over the data-parallel group (identity on one process)."""
         if self.distributed and self.dims.dp > 1:
-            dist.all_reduce(t, group=self.dims.group("dp"))
+            comm.all_reduce(t, self.dims.group("dp"))
         return t
 
     def barrier(self) -> None:
