@@ -93,6 +93,14 @@ class SafetensorsReader:
         except Exception as e:
             raise HFCheckpointError(f"{self._file_of[name]}: cannot read tensor {name} ({e})") from None
 
+    def dtype(self, name: str) -> torch.dtype:
+        """The dtype of tensor ``name`` (its data is not read)."""
+        code = self._open(self._file_of[name]).get_slice(name).get_dtype()
+        known = {v: k for k, v in _ST_DTYPES.items()}
+        if code not in known:
+            raise HFCheckpointError(f"{self._file_of[name]}: tensor {name} has unsupported dtype {code}")
+        return known[code]
+
     def close(self) -> None:
         """Release the open files."""
         self._handles.clear()
@@ -171,9 +179,11 @@ def write_safetensors(
     if dtype not in _ST_DTYPES:
         raise HFCheckpointError(f"dtype {dtype} cannot be written to safetensors")
     files = plan_shards(specs, dtype, max_shard_bytes)
-    names = [SINGLE_FILE] if len(files) == 1 else [
-        f"model-{k:05d}-of-{len(files):05d}.safetensors" for k in range(1, len(files) + 1)
-    ]
+    names = (
+        [SINGLE_FILE]
+        if len(files) == 1
+        else [f"model-{k:05d}-of-{len(files):05d}.safetensors" for k in range(1, len(files) + 1)]
+    )
     stream = iter(tensors)
     for file_name, entries in zip(names, files):
         with open(out / file_name, "wb") as f:
@@ -181,7 +191,9 @@ def write_safetensors(
             for name, shape in entries:
                 got, tensor = next(stream)
                 if got != name or tuple(tensor.shape) != shape:  # a bug in the caller, not bad input
-                    raise RuntimeError(f"expected tensor {name} {list(shape)}, got {got} {list(tensor.shape)}")
+                    raise RuntimeError(
+                        f"expected tensor {name} {list(shape)}, got {got} {list(tensor.shape)}"
+                    )
                 data = tensor.detach().to(device="cpu", dtype=dtype).contiguous()
                 f.write(data.reshape(-1).view(torch.uint8).numpy().data)
     if len(files) > 1:

@@ -424,7 +424,9 @@ def write_hf_checkpoint(
             mode = "wb" if isinstance(content, bytes) else "w"
             with open(tmp / name, mode) as f:
                 f.write(content)
-        tensors = (pair for n in canonical_names(cfg) for pair in canonical_to_hf({n: get(n)}, cfg, strict=False))
+        tensors = (
+            pair for n in canonical_names(cfg) for pair in canonical_to_hf({n: get(n)}, cfg, strict=False)
+        )
         write_safetensors(tmp, hf_tensor_specs(cfg), tensors, dtype, max_shard_bytes)
         move_into_place(tmp, path)
     except BaseException:
