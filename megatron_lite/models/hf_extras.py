@@ -37,8 +37,9 @@ def side_files(hf_dir: str | Path) -> dict[str, bytes]:
     return out
 
 
-def _sentencepiece_files(model_file: str, bos: str, eos: str, unk: str) -> dict[str, bytes]:
-    """``tokenizer.model``, and ``tokenizer.json`` + ``tokenizer_config.json`` built from it."""
+def _sentencepiece_files(model_file: str, bos: str, eos: str, unk: str, add_bos: bool) -> dict[str, bytes]:
+    """``tokenizer.model``, and ``tokenizer.json`` + ``tokenizer_config.json`` built from it
+    (adding BOS to each text as the run's tokenizer did)."""
     files = {"tokenizer.model": Path(model_file).read_bytes()}
     try:
         import sentencepiece
@@ -46,6 +47,7 @@ def _sentencepiece_files(model_file: str, bos: str, eos: str, unk: str) -> dict[
         from transformers.convert_slow_tokenizer import generate_merges
     except ImportError:  # transformers missing: the SentencePiece model alone is still useful
         config = {"tokenizer_class": "LlamaTokenizer", "bos_token": bos, "eos_token": eos, "unk_token": unk}
+        config["add_bos_token"] = add_bos
         files["tokenizer_config.json"] = json.dumps(config, indent=2).encode()
         return files
     sp = sentencepiece.SentencePieceProcessor(model_file=model_file)
@@ -53,7 +55,12 @@ def _sentencepiece_files(model_file: str, bos: str, eos: str, unk: str) -> dict[
     vocab = {sp.id_to_piece(i): i for i in range(n)}
     scores = {sp.id_to_piece(i): sp.get_score(i) for i in range(n)}  # SentencePiece's merge priority
     tok = LlamaTokenizer(
-        vocab=vocab, merges=generate_merges(vocab, scores), bos_token=bos, eos_token=eos, unk_token=unk
+        vocab=vocab,
+        merges=generate_merges(vocab, scores),
+        bos_token=bos,
+        eos_token=eos,
+        unk_token=unk,
+        add_bos_token=add_bos,
     )
     with tempfile.TemporaryDirectory() as tmp:
         tok.save_pretrained(tmp)
@@ -86,7 +93,7 @@ def tokenizer_export(cfg: Config) -> tuple[dict[str, int | None], dict[str, byte
     piece = tok._sp.id_to_piece  # noqa: SLF001 - the piece names of the special ids
     unk = piece(tok._sp.unk_id())  # noqa: SLF001
     bos = piece(tok.bos) if tok.bos is not None and tok.bos >= 0 else "<s>"
-    return ids, _sentencepiece_files(tok.model_file, bos, piece(tok.eod), unk)
+    return ids, _sentencepiece_files(tok.model_file, bos, piece(tok.eod), unk, tok.add_bos)
 
 
 def find_origin(cfg: Config, it_dir: str | Path | None, hops: int = 4) -> Path | None:
