@@ -102,7 +102,7 @@ class SafetensorsReader:
         return known[code]
 
     def close(self) -> None:
-        """Release the open files."""
+        """Release the open files (they are reopened when a tensor is asked for again)."""
         self._handles.clear()
         self._stack.close()
 

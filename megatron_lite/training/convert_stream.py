@@ -5,7 +5,8 @@ writes it out before asking for the next (``convert.write_model_checkpoint`` bui
 at a time, ``hf_io.write_hf_checkpoint`` streams safetensors). Memory is then one output shard
 file plus a few tensors, whatever the size of the model:
 
-* ``HFSource``: safetensors read with ``safe_open`` (a tensor is read when asked for).
+* ``HFSource``: safetensors read with ``safe_open`` (a tensor is read when asked for; the files
+  are closed after each tensor, as an open mapping keeps every page it has read resident).
 * ``CheckpointSource``: the shard files of a training checkpoint of any layout, loaded with
   ``torch.load(mmap=True)`` for each tensor asked for, so only that tensor's pieces are paged in
   and the mapping is dropped with them (a mapping kept open would keep every page it ever touched
@@ -54,6 +55,9 @@ class HFSource:
         ((_, tensor),) = hf_state_to_canonical(
             self.reader, self.config.model, [name], where=self.reader.where
         )
+        # safe_open memory-maps: pages read stay resident while a file is open, so close the
+        # files after each tensor (they reopen on the next; a header parse costs microseconds)
+        self.reader.close()
         return tensor
 
     def dtype(self) -> torch.dtype:
