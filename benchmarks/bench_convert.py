@@ -130,7 +130,9 @@ def main() -> None:
     base = Path(args.workdir or tempfile.mkdtemp(prefix="bench_convert_"))
     rows = [run(n, args, base / f"l{n}") for n in args.layers]
     baseline = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 2**20
-    print(f"(this process: peak RSS {baseline:.2f} GiB while generating)")
+    print(
+        f"(the benchmark process itself, which reads both HF directories to compare them: {baseline:.2f} GiB)"
+    )
     print("| layers | params | HF size | largest file (HF / ckpt) | HF->tp2xpp2 | tp2xpp2->HF | round trip |")
     print("|---|---|---|---|---|---|---|")
     for r in rows:

@@ -5,7 +5,8 @@ point: ``translate`` turns every Megatron flag into ``--section.field value`` ov
 overrides and ``--config`` pass through untouched; ours are the ones with a dot). A Megatron flag
 not in ``FLAGS`` raises ``ConfigError`` naming it: nothing is silently ignored. Flags that only
 restate what megatron_lite always does (RMSNorm, RoPE, SwiGLU, no biases, no dropout, ...) or are
-performance switches without an equivalent here are accepted with a printed note.
+performance switches without an equivalent here are accepted with a printed note (as is
+``--sequence-parallel`` without tensor parallelism, which Megatron-LM turns off too).
 
 Meanings follow Megatron-LM's ``megatron/training/arguments.py``, including two defaults that
 differ from ours: Megatron ties the output layer to the embedding unless
@@ -194,13 +195,19 @@ def translate(argv: list[str]) -> list[str]:
             continue
         spec = BY_NAME.get(flag)
         if spec is None:
-            raise ConfigError(f"unsupported Megatron-LM argument {flag} (see --help for the supported ones)")
+            raise ConfigError(
+                f"unsupported argument {flag}: neither a Megatron-LM flag megatron_lite supports nor a "
+                "--section.field override (--help lists both)"
+            )
         if spec.takes == 0 and values:
             raise ConfigError(f"{flag} takes no value, got {' '.join(values)}")
         if spec.takes == 1 and len(values) != 1:
             raise ConfigError(f"{flag} needs one value")
         if spec.takes == -1 and not values:
             raise ConfigError(f"{flag} needs at least one value")
+        if flag == "--sequence-parallel" and megatron.get("--tensor-model-parallel-size", ["1"])[0] == "1":
+            notes.append(flag)  # Megatron-LM turns it off without tensor parallelism; so do we
+            continue
         if spec.target is None:
             if spec.value is not None and float_or(values[0]) != float_or(spec.value):
                 raise ConfigError(f"{flag} {values[0]}: megatron_lite supports only {spec.value}")
