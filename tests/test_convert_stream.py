@@ -203,3 +203,20 @@ def test_export_follows_initial_load_and_copies_hf_tokenizers(tmp_path):
     assert json.loads((tmp_path / "b/config.json").read_text())["eos_token_id"] == 2
     loaded = transformers.AutoTokenizer.from_pretrained(tmp_path / "b")
     assert loaded("a a").input_ids == [3, 3]
+
+
+def test_initial_load_from_another_layout_reads_lazily(tmp_path, capsys):
+    """training.initial_load of a tp2 x pp2 checkpoint into a one-process model: the HF weights."""
+    from megatron_lite.models import build_model
+    from megatron_lite.training.convert import layout_dims, load_initial_weights
+
+    _random_hf(tmp_path / "hf", dtype=torch.float32)
+    rc, log = _convert(capsys, "--input", tmp_path / "hf", "--output", tmp_path / "ckpt", "--to",
+                       "megatron_lite", "--tensor", "2", "--pipeline", "2")  # fmt: skip
+    assert rc == 0, log
+    source = HFSource(tmp_path / "hf")
+    model = build_model(source.config.model, "cpu", dtype=torch.float32, seed=0)
+    what = load_initial_weights(model, tmp_path / "ckpt", source.config, layout_dims())
+    assert what == "checkpoint iteration 0 (resharded)"
+    for name, param in model.named_parameters():
+        assert torch.equal(param, source.get(name)), name
