@@ -149,7 +149,7 @@ def test_torchrun_tensor_parallel(tmp_path):
     lines = [m for m in map(TRAIN_RE.search, out.stdout.splitlines()) if m]
     assert [int(m["it"]) for m in lines] == [2, 4]  # printed by the last rank only
     shards = sorted(p.name for p in (tmp_path / "ckpt" / "iter_0000004").iterdir())
-    assert shards == ["config.yaml", "mp_rank_00", "mp_rank_01", "rng"]
+    assert shards == ["config.yaml", "metadata.json", "mp_rank_00", "mp_rank_01", "rng"]
 
 
 def test_bench_train_tiny_smoke(tmp_path):
