@@ -148,6 +148,14 @@ class Runtime:
         if self.distributed:
             dist.barrier()
 
+    def gather_objects(self, obj):
+        """Every rank's picklable ``obj`` in rank order, on every rank (``[obj]`` on one process)."""
+        if not self.distributed:
+            return [obj]
+        out = [None] * self.world_size
+        dist.all_gather_object(out, obj)
+        return out
+
 
 def init_runtime(cfg: Config) -> Runtime:
     """Pick the device, start the process group under torchrun, build the rank grid, seed RNGs."""
