@@ -170,6 +170,8 @@ class Trainer:
         self.history: list[StepResult] = []
         self.nonfinite_grad: str | None = None  # this rank's first parameter with a non-finite grad
         self.consecutive_skips = 0
+        self.stopped_on_signal = False  # train() left early on a signal (pretrain exits for a requeue)
+        self.save_lock = None  # the save directory's lock (``save_dir``), released by the caller
 
     # ------------------------------------------------------------------ one iteration
 
@@ -268,6 +270,7 @@ class Trainer:
                 self._log(
                     f"exiting after iteration {self.iteration} on a signal (training.exit_signal_handler)"
                 )
+                self.stopped_on_signal = True
                 break
         if tr.save and saved_at != self.iteration and self.iteration > first:
             self.save()
