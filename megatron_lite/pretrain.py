@@ -89,9 +89,12 @@ def main(argv: list[str] | None = None) -> int:
     except TrainingError as exc:
         _report("training", exc, rank)
         return EXIT_ERROR
-    except dist.DistError as exc:
+    except RuntimeError as exc:
+        if not _is_comm_failure(exc):
+            raise
         minutes = cfg.training.dist_timeout_minutes
-        text = f"{exc} (a rank froze or died? training.dist_timeout_minutes is {minutes})"
+        reason = str(exc).strip().splitlines()[0].split("] ")[-1]  # drop gloo's source location
+        text = f"{reason}: a rank froze or died (training.dist_timeout_minutes is {minutes})"
         _report("distributed", RuntimeError(text), rank, every_rank=True)
         return EXIT_ERROR
     finally:
@@ -105,6 +108,14 @@ def main(argv: list[str] | None = None) -> int:
             marker.write_text(f"{trainer.iteration}\n")
         return EXIT_REQUEUE
     return EXIT_OK
+
+
+def _is_comm_failure(exc: RuntimeError) -> bool:
+    """A collective that timed out or lost its peer (gloo raises plain RuntimeErrors for both)."""
+    if isinstance(exc, dist.DistError):
+        return True
+    text = str(exc)
+    return any(k in text for k in ("Timed out", "timed out", "Connection closed by peer", "Connection reset"))
 
 
 def _shutdown_quietly(runtime) -> None:
