@@ -94,6 +94,7 @@ def main(argv: list[str] | None = None) -> int:
             raise
         minutes = cfg.training.dist_timeout_minutes
         reason = str(exc).strip().splitlines()[0].split("] ")[-1]  # drop gloo's source location
+        reason = reason.split(". This is typically")[0]  # and its advice
         text = f"{reason}: a rank froze or died (training.dist_timeout_minutes is {minutes})"
         _report("distributed", RuntimeError(text), rank, every_rank=True)
         return EXIT_ERROR

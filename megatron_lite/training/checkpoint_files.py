@@ -28,12 +28,23 @@ def atomic_save(obj: Any, path: Path) -> str:
     """torch.save to ``path.tmp``, fsync, rename: a reader never sees half a file. Returns its sha256."""
     tmp = path.with_name(path.name + ".tmp")
     with open(tmp, "wb") as f:
-        torch.save(obj, f)
+        try:
+            torch.save(obj, f)
+        except RuntimeError:  # torch reports a short write ("unexpected pos"); surface the OS's reason
+            _raise_os_error(f)
+            raise
         f.flush()
         os.fsync(f.fileno())
     digest = file_digest(tmp)  # read back from the page cache: digests what is on disk
     os.replace(tmp, path)
     return digest
+
+
+def _raise_os_error(f) -> None:
+    """Write one more byte: a full disk or a file-size limit raises the OSError torch swallowed."""
+    f.write(b"\0")
+    f.flush()
+    os.fsync(f.fileno())
 
 
 def file_digest(path: Path) -> str:
