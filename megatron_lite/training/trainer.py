@@ -171,7 +171,7 @@ class Trainer:
         self.nonfinite_grad: str | None = None  # this rank's first parameter with a non-finite grad
         self.consecutive_skips = 0
         self.stopped_on_signal = False  # train() left early on a signal (pretrain exits for a requeue)
-        self.save_lock = None  # the save directory's lock (``save_dir``), released by the caller
+        self.save_lock = None  # the save directory's lock (``save_dir``), released by train()
 
     # ------------------------------------------------------------------ one iteration
 
@@ -240,7 +240,17 @@ class Trainer:
     # ------------------------------------------------------------------ the loop
 
     def train(self) -> list[StepResult]:
-        """Train until ``train_iters`` (or ``exit_interval``); returns this call's per-iteration results."""
+        """Train until ``train_iters`` (or ``exit_interval``); returns this call's per-iteration results.
+
+        The save directory's lock (``save_lock``) is released when training ends, however it ends.
+        """
+        try:
+            return self._train_loop()
+        finally:
+            if self.save_lock is not None:
+                self.save_lock.release()
+
+    def _train_loop(self) -> list[StepResult]:
         tr, rt = self.cfg.training, self.runtime
         interval = _Interval()
         first, saved_at = self.iteration, self.iteration
