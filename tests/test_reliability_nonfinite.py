@@ -12,10 +12,10 @@ from test_reliability_checkpoint import BASE, run
 
 from megatron_lite.config import load_config
 from megatron_lite.training import checkpoint
+from megatron_lite.training.health import TrainingError
 from megatron_lite.training.logging import MetricWriters
 from megatron_lite.training.runtime import check_run_config, init_runtime
 from megatron_lite.training.setup import setup_training
-from megatron_lite.training.trainer import TrainingError
 
 
 def test_bf16_fp32_nonfinite_stops_without_saving(tmp_path, capsys):
