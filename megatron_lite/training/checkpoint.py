@@ -159,7 +159,10 @@ def save(
     root, rank = Path(root), dims.rank or 0
     final = iteration_dir(root, iteration)
     tmp = final.with_name(final.name + ".tmp")
-    model_state = model.state_dict()
+    # Mixed precision: the optimizer's fp32 main values under the model's names (all ranks take
+    # part: the distributed optimizer gathers its shards); fp32 weights: the model's own.
+    main_state = getattr(optimizer, "model_state_dict", None)
+    model_state = main_state(model) if main_state is not None else model.state_dict()
     bad = first_error(gather(first_nonfinite(model_state)))
     if bad is not None:
         raise CheckpointError(
