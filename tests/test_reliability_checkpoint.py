@@ -95,6 +95,7 @@ def test_nonfinite_weight_in_a_checkpoint_is_refused_by_name(tmp_path, capsys, s
     )
 
 
+@pytest.mark.slow
 def test_second_run_on_a_locked_directory_is_refused(tmp_path, capsys):
     """A live run owns the directory: a second run stops with one line naming host, pid and job."""
     ckpt = tmp_path / "ckpt"
@@ -145,6 +146,7 @@ def _limit_file_size() -> None:  # runs in the child: files beyond 256 KiB fail 
     resource.setrlimit(resource.RLIMIT_FSIZE, (256 * 1024, resource.RLIM_INFINITY))
 
 
+@pytest.mark.slow
 def test_failed_save_is_a_checkpoint_error_and_leaves_no_tmp(tmp_path):
     """A write that really fails (RLIMIT_FSIZE: the kernel refuses it like a full disk)."""
     config = tmp_path / "config.yaml"
