@@ -36,6 +36,7 @@ from torch import nn
 
 from megatron_lite.config import Config
 from megatron_lite.training import checkpoint, metrics
+from megatron_lite.training.health import StepGuard, TrainingError
 from megatron_lite.training.logging import (
     MetricWriters,
     TrainLogStats,
@@ -111,6 +112,7 @@ class _Interval:
     grad_norm: float = 0.0
     skipped: int = 0
     nan: int = 0
+    bad_norm: float = 0.0  # the last skipped iteration's (non-finite) gradient norm
     start: float = field(default_factory=time.perf_counter)
 
 
@@ -167,6 +169,9 @@ class Trainer:
         # pp > 1: the executor walks this rank's schedule over its model chunks.
         self.pipeline = PipelineStep(cfg, runtime, model) if runtime.dims.pp > 1 else None
         self.history: list[StepResult] = []
+        self.guard = StepGuard(self.scaler, cfg.training.max_consecutive_skips)
+        self.stopped_on_signal = False  # train() left early on a signal (pretrain exits for a requeue)
+        self.save_lock = None  # the save directory's lock (``save_dir``), released by train()
 
     # ------------------------------------------------------------------ one iteration
 
@@ -190,6 +195,7 @@ class Trainer:
         lr = self.scheduler.lr
         skipped = not math.isfinite(grad_norm)
         if skipped:
+            self.guard.note_gradients(self.model)  # before the grads are dropped
             self.optimizer.zero_grad(set_to_none=True)
         else:
             self.optimizer.step()
@@ -234,7 +240,17 @@ class Trainer:
     # ------------------------------------------------------------------ the loop
 
     def train(self) -> list[StepResult]:
-        """Train until ``train_iters`` (or ``exit_interval``); returns this call's per-iteration results."""
+        """Train until ``train_iters`` (or ``exit_interval``); returns this call's per-iteration results.
+
+        The save directory's lock (``save_lock``) is released when training ends, however it ends.
+        """
+        try:
+            return self._train_loop()
+        finally:
+            if self.save_lock is not None:
+                self.save_lock.release()
+
+    def _train_loop(self) -> list[StepResult]:
         tr, rt = self.cfg.training, self.runtime
         interval = _Interval()
         first, saved_at, started = self.iteration, self.iteration, time.perf_counter()
@@ -243,8 +259,14 @@ class Trainer:
             self.iteration += 1
             self.history.append(result)
             self._accumulate(interval, result)
+            try:
+                self.guard.check(result, self.iteration)
+            except TrainingError:
+                self._log_interval(interval)  # the bad iteration's line, with its real loss
+                raise
             if self.iteration % self.cfg.logging.log_interval == 0 or self.iteration == tr.train_iters:
-                self._log_interval(interval)  # the last iteration is logged even off the interval
+                # the last iteration is logged even off the interval
+                self._log_interval(interval)
                 interval = _Interval()
             paused = time.perf_counter()  # evaluation and checkpoints do not count as iteration time
             if tr.eval_interval and self.iteration % tr.eval_interval == 0:
@@ -259,6 +281,7 @@ class Trainer:
                 self._log(
                     f"exiting after iteration {self.iteration} on a signal (training.exit_signal_handler)"
                 )
+                self.stopped_on_signal = True
                 break
         if interval.iters:  # stopped early (exit interval, signal) between log lines
             self._log_interval(interval)
@@ -283,11 +306,12 @@ class Trainer:
 
     def _accumulate(self, it: _Interval, r: StepResult) -> None:
         it.iters += 1
+        it.loss += r.loss  # a skipped iteration's real loss too (nan/inf shows in the line)
         if r.skipped:
             it.skipped += 1
             it.nan += int(not math.isfinite(r.loss))
+            it.bad_norm = r.grad_norm
             return
-        it.loss += r.loss
         it.grad_norm += r.grad_norm
         it.aux += r.aux_loss or 0.0
         it.z += r.z_loss or 0.0
@@ -311,8 +335,8 @@ class Trainer:
             ms_per_iter=seconds * 1e3,
             lr=self.history[-1].lr,
             global_batch_size=gbs,
-            lm_loss=it.loss / good,
-            grad_norm=it.grad_norm / good,
+            lm_loss=it.loss / max(it.iters, 1),
+            grad_norm=it.grad_norm / good if it.iters > it.skipped else it.bad_norm,
             tokens_per_s=tok_s,
             tflops=tflops,
             mfu=mfu,
@@ -356,8 +380,13 @@ class Trainer:
             config_yaml(self.cfg),
             self.runtime.dims,
             barrier=self.runtime.barrier,
-            extra={"consumed_valid_samples": valid, "scaler": self.scaler.state_dict()},
+            extra={
+                "consumed_valid_samples": valid,
+                "scaler": self.scaler.state_dict(),
+                "train_iters": self.cfg.training.train_iters,
+            },
             keep_last=self.cfg.training.keep_last_checkpoints,
+            gather=self.runtime.gather_objects,
         )
         self._log(f"saved checkpoint at iteration {self.iteration:7d} to {path}")
         return self.iteration
