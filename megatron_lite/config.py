@@ -128,6 +128,8 @@ class ParallelConfig:
         distributed_optimizer: shard the AdamW states over data-parallel ranks (ZeRO-1).
         overlap_grad_reduce: reduce gradient buckets during the last microbatch's backward.
         grad_bucket_mb: size of a data-parallel gradient bucket in MB.
+        grad_reduce_dtype: dtype of the data-parallel gradient reduction: fp32 or bf16 (bf16 runs).
+        overlap_param_gather: all-gather bf16 parameters bucket by bucket during the next forward.
     """
 
     tensor: int = 1
@@ -284,7 +286,9 @@ class TrainingConfig:
         eval_interval: iterations between validation runs; None never evaluates.
         eval_iters: iterations per validation run.
         exit_interval: save and stop after iterations divisible by it.
-        exit_signal_handler: on SIGTERM finish the iteration, save and exit with status 0.
+        exit_signal_handler: on SIGTERM finish the iteration, save and exit (status 3: requeue).
+        dist_timeout_minutes: process-group timeout; a frozen or dead rank ends the run after it.
+        max_consecutive_skips: fp16 only: this many skipped (overflowing) steps in a row stop the run.
     """
 
     micro_batch_size: int = 1

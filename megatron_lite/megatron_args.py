@@ -63,6 +63,9 @@ FLAGS: tuple[Flag, ...] = (
     _f("--sequence-parallel", "parallel.sequence_parallel", "sequence parallelism", 0, "true"),
     _f("--use-distributed-optimizer", "parallel.distributed_optimizer", "ZeRO-1 optimizer", 0, "true"),
     _f("--overlap-grad-reduce", "parallel.overlap_grad_reduce", "overlap DP grad reduction", 0, "true"),
+    _f("--overlap-param-gather", "parallel.overlap_param_gather", "overlap param all-gather", 0, "true"),
+    _f("--grad-reduce-in-bf16", "parallel.grad_reduce_dtype", "reduce DP gradients in bf16", 0, "bf16"),
+    _f("--distributed-timeout-minutes", "training.dist_timeout_minutes", "process-group timeout"),
     _f("--moe-token-dispatcher-type", "parallel.moe_dispatcher", "alltoall or allgather"),
     # model
     _f("--num-layers", "model.num_layers", "transformer layers"),
@@ -135,7 +138,6 @@ FLAGS: tuple[Flag, ...] = (
     _f("--no-bias-swiglu-fusion", None, "no such kernel", 0),
     _f("--no-rope-fusion", None, "no such kernel", 0),
     _f("--moe-grouped-gemm", None, "grouped GEMM used where torch has one", 0),
-    _f("--overlap-param-gather", None, "parameters are all-gathered after the step", 0),
     _f("--normalization", None, "RMSNorm only", 1, "RMSNorm"),
     _f("--position-embedding-type", None, "rope only", 1, "rope"),
     _f("--attention-dropout", None, "no dropout", 1, "0.0"),
