@@ -50,12 +50,21 @@ def time_ms(fn: Callable[[], object], device: torch.device, *, warmup: int = 5, 
 
 
 def interleaved_ms(
-    fns: dict[str, Callable[[], object]], device: torch.device, *, warmup: int = 2, iters: int = 10
+    fns: dict[str, Callable[[], object]],
+    device: torch.device,
+    *,
+    warmup: int = 2,
+    iters: int = 10,
+    cpu_clock: bool = False,
 ) -> dict[str, list[float]]:
     """Times several closures in turns (A B A B ...), so load from other processes hits all alike.
 
+    Args:
+        cpu_clock: on CPU, count this process's CPU time instead of wall time: with one thread
+            (OMP_NUM_THREADS=1) it is the work done, unaffected by waiting for a shared core.
+
     Returns:
-        Each name's per-round wall times in milliseconds (CUDA events on GPU).
+        Each name's per-round times in milliseconds (CUDA events on GPU).
     """
     for _ in range(warmup):
         for fn in fns.values():
@@ -64,7 +73,12 @@ def interleaved_ms(
     samples: dict[str, list[float]] = {name: [] for name in fns}
     for _ in range(iters):
         for name, fn in fns.items():
-            samples[name].append(time_ms(fn, device, warmup=0, iters=1))
+            if cpu_clock and device.type == "cpu":
+                t0 = time.process_time()
+                fn()
+                samples[name].append((time.process_time() - t0) * 1e3)
+            else:
+                samples[name].append(time_ms(fn, device, warmup=0, iters=1))
     return samples
 
 
