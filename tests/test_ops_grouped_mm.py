@@ -109,6 +109,7 @@ INTERPRETED = os.environ.get("TRITON_INTERPRET") == "1"
 in_interpreter_process = pytest.mark.skipif(not INTERPRETED, reason="runs in a TRITON_INTERPRET=1 subprocess")
 
 
+@pytest.mark.slow
 @needs_triton
 @pytest.mark.skipif(INTERPRETED, reason="this is the interpreter process")
 def test_triton_face_under_the_interpreter_in_a_fresh_process():
