@@ -50,8 +50,15 @@ def _torch_cpu_probe(dtype: torch.dtype) -> str | None:
         return f"torch {torch.__version__} has no grouped GEMM"
     # The first call may come from inside no_grad/inference_mode (evaluation) or a selective
     # checkpoint's dispatch mode (which would record the probe's ops as the block's own): step
-    # out of all of them, so the answer depends on torch alone.
-    with _disable_current_modes(), torch.inference_mode(False), torch.enable_grad():
+    # out of all of them, so the answer depends on torch alone. Identity saved-tensor hooks keep a
+    # surrounding activation checkpoint from counting the probe's saved tensors as the block's own
+    # (the recomputation, which finds the answer cached, would then save fewer and fail).
+    with (
+        _disable_current_modes(),
+        torch.inference_mode(False),
+        torch.enable_grad(),
+        torch.autograd.graph.saved_tensors_hooks(lambda t: t, lambda t: t),
+    ):
         return _run_cpu_probe(fn, dtype)
 
 
