@@ -26,7 +26,28 @@ class ConfigError(ValueError):
 
 @dataclass
 class ModelConfig:
-    """Architecture of a Mistral (dense) or Mixtral (sparse MoE) decoder."""
+    """Architecture of a Mistral (dense) or Mixtral (sparse MoE) decoder.
+
+    Attributes:
+        arch: mistral (dense) or mixtral (mixture of experts).
+        vocab_size: vocabulary size (the tokenizer's may be smaller).
+        hidden_size: width of the residual stream.
+        intermediate_size: feed-forward width (of each expert for mixtral).
+        num_layers: transformer layers.
+        num_attention_heads: query heads.
+        num_kv_heads: key/value heads (grouped-query attention when fewer than query heads).
+        head_dim: width of one head; None means hidden_size / num_attention_heads.
+        max_position_embeddings: longest sequence the positions (RoPE) are meant for.
+        rope_theta: RoPE base.
+        rms_norm_eps: RMSNorm epsilon.
+        sliding_window: attention window in tokens; None attends to the whole sequence.
+        tie_embeddings: the output layer shares the embedding's weights.
+        init_std: standard deviation of the random initial weights.
+        num_experts: experts per MoE layer (mixtral only).
+        top_k: experts each token is routed to (mixtral only).
+        aux_loss_coeff: weight of the load-balancing loss (mixtral only).
+        z_loss_coeff: weight of the router z-loss (mixtral only).
+    """
 
     arch: str = "mistral"
     vocab_size: int = 32000
@@ -91,7 +112,23 @@ class ModelConfig:
 
 @dataclass
 class ParallelConfig:
-    """Degrees of parallelism; data parallel is whatever of the world is left."""
+    """Degrees of parallelism; data parallel is whatever of the world is left.
+
+    Attributes:
+        tensor: tensor-parallel size (splits attention heads and FFN columns).
+        pipeline: pipeline-parallel size (splits the layers into stages).
+        virtual_pipeline: model chunks per pipeline stage (interleaved schedules).
+        expert: expert-parallel size (splits the experts of MoE layers).
+        expert_tensor: tensor-parallel size inside experts; None means parallel.tensor.
+        sequence_parallel: keep norm and residual activations split along the sequence over tensor ranks.
+        schedule: pipeline schedule: gpipe, 1f1b, interleaved or breadth-first.
+        moe_dispatcher: how tokens reach their experts: alltoall or allgather.
+        num_layers_in_first_stage: layers on pipeline stage 0; None splits evenly.
+        num_layers_in_last_stage: layers on the last pipeline stage; None splits evenly.
+        distributed_optimizer: shard the AdamW states over data-parallel ranks (ZeRO-1).
+        overlap_grad_reduce: reduce gradient buckets during the last microbatch's backward.
+        grad_bucket_mb: size of a data-parallel gradient bucket in MB.
+    """
 
     tensor: int = 1
     pipeline: int = 1
@@ -144,7 +181,20 @@ class ParallelConfig:
 
 @dataclass
 class DataConfig:
-    """Where tokens come from and how samples are cut."""
+    """Where tokens come from and how samples are cut.
+
+    Attributes:
+        path: dataset prefix, or weight prefix pairs for a blend (files .bin/.idx).
+        split: train,valid,test weights of the documents.
+        seq_length: tokens per sample.
+        tokenizer_type: SentencePieceTokenizer, HuggingFaceTokenizer, MistralTokenizer or Llama2Tokenizer.
+        tokenizer_model: tokenizer file (or "bundled": Mistral's, from mistral-common).
+        reset_position_ids: positions restart after each end-of-document token.
+        reset_attention_mask: no attention across end-of-document tokens.
+        eod_mask_loss: no loss on end-of-document tokens.
+        cache_dir: where dataset index files are cached; None: beside the data.
+        mock: random tokens and no files (benchmarks, smoke tests).
+    """
 
     path: list[str] = field(default_factory=list)  # [prefix] or [w1, prefix1, w2, prefix2, ...]
     split: str = "969,30,1"
@@ -174,7 +224,20 @@ class DataConfig:
 
 @dataclass
 class OptimizerConfig:
-    """AdamW with linear warmup then cosine/linear/constant decay."""
+    """AdamW with linear warmup then cosine/linear/constant decay.
+
+    Attributes:
+        lr: peak learning rate.
+        min_lr: learning rate at the end of the decay.
+        weight_decay: AdamW weight decay (not applied to norms and biases).
+        beta1: Adam first-moment coefficient.
+        beta2: Adam second-moment coefficient.
+        eps: Adam epsilon.
+        clip_grad: clip the global gradient norm to this (0 disables).
+        lr_warmup_iters: iterations of linear warmup.
+        lr_decay_iters: iterations of decay; None means training.train_iters.
+        lr_decay_style: cosine, linear or constant.
+    """
 
     lr: float = 3e-4
     min_lr: float = 3e-5
@@ -201,7 +264,28 @@ class OptimizerConfig:
 
 @dataclass
 class TrainingConfig:
-    """Batch sizes, length of the run, precision, checkpointing."""
+    """Batch sizes, length of the run, precision, checkpointing.
+
+    Attributes:
+        micro_batch_size: samples per microbatch on one data-parallel rank.
+        global_batch_size: samples per iteration; None means micro_batch_size * data-parallel size.
+        train_iters: iterations to train.
+        seed: random seed (weights, data order).
+        precision: auto (bf16 on GPU, fp32 on CPU), fp32, bf16 or fp16.
+        device: auto, cpu or cuda.
+        attention_backend: auto, flash, flex or sdpa.
+        recompute: activation recomputation: none, full or selective.
+        compile: torch.compile each transformer block.
+        save: checkpoint directory to write; None saves nothing.
+        save_interval: iterations between checkpoints (and one at the end).
+        load: checkpoint directory to resume from.
+        keep_last_checkpoints: delete all but the newest N iter_* directories after each save.
+        initial_load: weights to start from when load holds no checkpoint: HF directory or checkpoint.
+        eval_interval: iterations between validation runs; None never evaluates.
+        eval_iters: iterations per validation run.
+        exit_interval: save and stop after iterations divisible by it.
+        exit_signal_handler: on SIGTERM finish the iteration, save and exit with status 0.
+    """
 
     micro_batch_size: int = 1
     global_batch_size: int | None = None  # None: micro_batch_size * data-parallel size
@@ -243,7 +327,15 @@ class TrainingConfig:
 
 @dataclass
 class LoggingConfig:
-    """Where and how often progress is reported."""
+    """Where and how often progress is reported.
+
+    Attributes:
+        log_interval: iterations between log lines (the last iteration is always logged).
+        run_dir: directory for the resolved config, TensorBoard events and logs.
+        tensorboard: write TensorBoard events (needs the tensorboard package).
+        wandb_project: Weights & Biases project; None disables it.
+        peak_tflops: per-device peak TFLOP/s for MFU; None looks the GPU up in a table.
+    """
 
     log_interval: int = 10
     run_dir: str = "runs/default"
@@ -420,8 +512,13 @@ def _parse_overrides(tokens: list[str]) -> list[tuple[str, Any]]:
 
 
 def main_argv_to_config(argv: list[str] | None = None) -> Config:
-    """Parse ``--config FILE`` plus overrides from ``argv`` (default ``sys.argv[1:]``)."""
-    argv = list(sys.argv[1:] if argv is None else argv)
+    """Parse ``--config FILE`` plus overrides from ``argv`` (default ``sys.argv[1:]``).
+
+    Megatron-LM's ``pretrain_gpt.py`` flags are accepted too (``megatron_args.FLAGS``).
+    """
+    from megatron_lite.megatron_args import translate
+
+    argv = translate(list(sys.argv[1:] if argv is None else argv))
     path = None
     if "--config" in argv:
         i = argv.index("--config")

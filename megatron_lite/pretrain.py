@@ -3,6 +3,7 @@
 Usage::
 
     python -m megatron_lite.pretrain --config FILE [--section.field value ...]
+    python -m megatron_lite.pretrain --tensor-model-parallel-size 2 --num-layers 32 ...  (Megatron-LM names)
     torchrun --nproc-per-node N -m megatron_lite.pretrain --config FILE --parallel.tensor T ...
 
 Exit status: 0 done, 2 configuration error (one ``config error: ...`` line, printed before any
@@ -27,8 +28,11 @@ from megatron_lite.training.signals import ExitSignal
 def main(argv: list[str] | None = None) -> int:
     """Run pretraining from command-line arguments; returns the exit status."""
     argv = list(sys.argv[1:] if argv is None else argv)
-    if argv and argv[0] in ("-h", "--help"):
+    if "-h" in argv or "--help" in argv:
+        from megatron_lite.config_help import config_help
+
         print(__doc__)
+        print(config_help())
         return 0
     try:
         cfg = main_argv_to_config(argv)

@@ -174,7 +174,10 @@ def test_loader_and_tool(tmp_path, capsys):
             "5",
         ]
     )
-    assert rc == 0 and capsys.readouterr().out.startswith("The capital of France is")
+    out = capsys.readouterr().out.splitlines()
+    assert (
+        rc == 0 and out[0] == "prompt 1:     The capital of France is" and out[1].startswith("completion 1: ")
+    )
     rc = generate_tool.main(["--load", str(tmp_path), "--tokenizer-model", "bundled", "--prompt", "x"])
     err = capsys.readouterr().err
     assert rc == 2 and err.count("\n") == 1 and "unsupported checkpoint" in err

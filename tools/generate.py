@@ -6,8 +6,9 @@
         --max-new-tokens 32 [--temperature 0.7 --top-k 50 --top-p 0.9 --seed 0]
 
 ``--load`` is a Hugging Face directory (config.json + safetensors) or a training checkpoint
-directory (any tp/pp/ep layout; the latest iteration). Errors in the input are reported as one
-line, exit status 2.
+directory (any tp/pp/ep layout; the latest iteration). Each prompt is printed as
+``prompt N: ...`` followed by ``completion N: ...`` (the generated text only). Errors in the input
+are reported as one line, exit status 2.
 """
 
 from __future__ import annotations
@@ -56,7 +57,7 @@ def load_tokenizer(tokenizer_type: str, model_file: str):
 
 
 def main(argv=None) -> int:
-    """Load, generate, print each prompt followed by its continuation."""
+    """Load, generate, print each prompt and its completion, labelled."""
     args = parse_args(argv)
     from megatron_lite.inference import UnsupportedCheckpointError, generate, load_model_for_inference
     from megatron_lite.models.hf_io import HFCheckpointError
@@ -89,9 +90,16 @@ def main(argv=None) -> int:
     except ValueError as e:
         print(f"error: {e}", file=sys.stderr)
         return 2
-    for ids, new in zip(prompts, outputs):
-        print(tokenizer.detokenize(ids + new), flush=True)  # BOS/EOS are dropped by detokenize
+    for k, (ids, new) in enumerate(zip(prompts, outputs), 1):
+        print(format_sample(k, tokenizer.detokenize(ids), tokenizer.detokenize(ids + new)), flush=True)
     return 0
+
+
+def format_sample(k: int, prompt: str, full: str) -> str:
+    """``prompt k:`` and ``completion k:`` lines; the completion is the text after the prompt's
+    (detokenized together, so a word-initial space survives; BOS/EOS are dropped)."""
+    completion = full[len(prompt) :] if full.startswith(prompt) else full
+    return f"prompt {k}:     {prompt}\ncompletion {k}: {completion}"
 
 
 if __name__ == "__main__":

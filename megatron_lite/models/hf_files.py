@@ -7,8 +7,10 @@ temporary directory that ``move_into_place`` renames, so a reader never sees hal
 from __future__ import annotations
 
 import json
+import math
 import os
 import shutil
+import struct
 from collections.abc import Iterable
 from contextlib import ExitStack
 from pathlib import Path
@@ -91,8 +93,16 @@ class SafetensorsReader:
         except Exception as e:
             raise HFCheckpointError(f"{self._file_of[name]}: cannot read tensor {name} ({e})") from None
 
+    def dtype(self, name: str) -> torch.dtype:
+        """The dtype of tensor ``name`` (its data is not read)."""
+        code = self._open(self._file_of[name]).get_slice(name).get_dtype()
+        known = {v: k for k, v in _ST_DTYPES.items()}
+        if code not in known:
+            raise HFCheckpointError(f"{self._file_of[name]}: tensor {name} has unsupported dtype {code}")
+        return known[code]
+
     def close(self) -> None:
-        """Release the open files."""
+        """Release the open files (they are reopened when a tensor is asked for again)."""
         self._handles.clear()
         self._stack.close()
 
@@ -103,43 +113,94 @@ class SafetensorsReader:
         self.close()
 
 
-def write_shards(
-    tensors: Iterable[tuple[str, torch.Tensor]], out: Path, dtype: torch.dtype, max_shard_bytes: int
-) -> None:
-    """Group tensors into shards of at most ``max_shard_bytes`` (one bigger tensor gets its own)."""
-    from safetensors.torch import save_file
+_ST_DTYPES = {
+    torch.float64: "F64",
+    torch.float32: "F32",
+    torch.float16: "F16",
+    torch.bfloat16: "BF16",
+    torch.int64: "I64",
+    torch.int32: "I32",
+    torch.int16: "I16",
+    torch.int8: "I8",
+    torch.uint8: "U8",
+    torch.bool: "BOOL",
+}
 
-    shard_files: list[tuple[Path, list[str]]] = []
-    shard: dict[str, torch.Tensor] = {}
-    size = total = 0
 
-    def flush():
-        file = out / f"shard-{len(shard_files)}.tmp"
-        save_file(shard, str(file), metadata={"format": "pt"})
-        shard_files.append((file, list(shard)))
-        shard.clear()
-
-    for name, tensor in tensors:
-        t = tensor.to(device="cpu", dtype=dtype, copy=True).contiguous()  # own storage: no shared views
-        nbytes = t.numel() * t.element_size()
-        if shard and size + nbytes > max_shard_bytes:
-            flush()
+def plan_shards(
+    specs: list[tuple[str, tuple[int, ...]]], dtype: torch.dtype, max_shard_bytes: int
+) -> list[list[tuple[str, tuple[int, ...]]]]:
+    """Group ``(name, shape)`` in order into files of at most ``max_shard_bytes`` (a bigger tensor
+    gets a file of its own)."""
+    files: list[list[tuple[str, tuple[int, ...]]]] = [[]]
+    size = 0
+    for name, shape in specs:
+        nbytes = math.prod(shape) * dtype.itemsize
+        if files[-1] and size + nbytes > max_shard_bytes:
+            files.append([])
             size = 0
-        shard[name] = t
+        files[-1].append((name, tuple(shape)))
         size += nbytes
-        total += nbytes
-    if shard or not shard_files:
-        flush()
-    if len(shard_files) == 1:
-        shard_files[0][0].rename(out / SINGLE_FILE)
-        return
-    weight_map = {}
-    for k, (file, names) in enumerate(shard_files, start=1):
-        final = f"model-{k:05d}-of-{len(shard_files):05d}.safetensors"
-        file.rename(out / final)
-        weight_map.update(dict.fromkeys(names, final))
-    index = {"metadata": {"total_size": total}, "weight_map": dict(sorted(weight_map.items()))}
-    (out / INDEX_FILE).write_text(json.dumps(index, indent=2) + "\n")
+    return files
+
+
+def _header(entries: list[tuple[str, tuple[int, ...]]], dtype: torch.dtype) -> bytes:
+    """The safetensors header (8-byte length, then JSON padded with spaces to 8 bytes)."""
+    meta: dict = {"__metadata__": {"format": "pt"}}
+    offset = 0
+    for name, shape in entries:
+        end = offset + math.prod(shape) * dtype.itemsize
+        meta[name] = {"dtype": _ST_DTYPES[dtype], "shape": list(shape), "data_offsets": [offset, end]}
+        offset = end
+    text = json.dumps(meta, separators=(",", ":")).encode()
+    text += b" " * (-len(text) % 8)
+    return struct.pack("<Q", len(text)) + text
+
+
+def write_safetensors(
+    out: Path,
+    specs: list[tuple[str, tuple[int, ...]]],
+    tensors: Iterable[tuple[str, torch.Tensor]],
+    dtype: torch.dtype,
+    max_shard_bytes: int,
+) -> None:
+    """Stream ``tensors`` into ``model.safetensors`` or ``model-0000k-of-0000n.safetensors`` + index.
+
+    The files are written tensor by tensor: each header is computed from ``specs`` (every
+    ``(name, shape)`` in the order ``tensors`` yields them), so memory holds one tensor at a time.
+
+    Args:
+        out: directory to write into.
+        specs: ``(name, shape)`` of every tensor, in order.
+        tensors: ``(name, tensor)`` in the order of ``specs``; each is cast to ``dtype``.
+        dtype: dtype on disk.
+        max_shard_bytes: shard size limit.
+    """
+    if dtype not in _ST_DTYPES:
+        raise HFCheckpointError(f"dtype {dtype} cannot be written to safetensors")
+    files = plan_shards(specs, dtype, max_shard_bytes)
+    names = (
+        [SINGLE_FILE]
+        if len(files) == 1
+        else [f"model-{k:05d}-of-{len(files):05d}.safetensors" for k in range(1, len(files) + 1)]
+    )
+    stream = iter(tensors)
+    for file_name, entries in zip(names, files):
+        with open(out / file_name, "wb") as f:
+            f.write(_header(entries, dtype))
+            for name, shape in entries:
+                got, tensor = next(stream)
+                if got != name or tuple(tensor.shape) != shape:  # a bug in the caller, not bad input
+                    raise RuntimeError(
+                        f"expected tensor {name} {list(shape)}, got {got} {list(tensor.shape)}"
+                    )
+                data = tensor.detach().to(device="cpu", dtype=dtype).contiguous()
+                f.write(data.reshape(-1).view(torch.uint8).numpy().data)
+    if len(files) > 1:
+        weight_map = {name: file for file, entries in zip(names, files) for name, _ in entries}
+        total = sum(math.prod(shape) for _, shape in specs) * dtype.itemsize
+        index = {"metadata": {"total_size": total}, "weight_map": dict(sorted(weight_map.items()))}
+        (out / INDEX_FILE).write_text(json.dumps(index, indent=2) + "\n")
 
 
 def move_into_place(tmp: Path, path: Path) -> None:

@@ -30,7 +30,7 @@ from megatron_lite.models.hf_files import (  # noqa: F401 - re-exported: the HF 
     SafetensorsReader,
     is_hf_dir,
     move_into_place,
-    write_shards,
+    write_safetensors,
 )
 
 _ADAPTERS = {
@@ -127,16 +127,26 @@ def _rope_theta(hf: Mapping, ad: ModuleType, where: str) -> float:
     return float(theta)
 
 
-def model_config_to_hf_config(cfg: ModelConfig, dtype: torch.dtype) -> dict:
-    """The ``config.json`` dict for ``cfg`` (readable by transformers 4.x and 5.x)."""
+def model_config_to_hf_config(cfg: ModelConfig, dtype: torch.dtype, base: Mapping | None = None) -> dict:
+    """The ``config.json`` dict for ``cfg`` (readable by transformers 4.x and 5.x).
+
+    Args:
+        cfg: the model.
+        dtype: dtype of the weights on disk.
+        base: the source checkpoint's ``config.json`` (token ids, generation defaults, ...): kept,
+            with the architecture keys overwritten by ``cfg``'s.
+    """
     cfg.validate()
     ad = adapter_for(cfg.arch)
-    out = {"architectures": [ad.ARCHITECTURE], "model_type": ad.MODEL_TYPE}
+    out = dict(base or {})
+    out.update({"architectures": [ad.ARCHITECTURE], "model_type": ad.MODEL_TYPE})
     out.update({key: getattr(cfg, field) for key, field in ad.CONFIG_KEYS})
     out["rope_theta"] = float(cfg.rope_theta)
     out["rope_parameters"] = {"rope_theta": float(cfg.rope_theta), "rope_type": "default"}
     out.update(ad.HF_EXTRA)
     out["dtype"] = str(dtype).removeprefix("torch.")
+    if "torch_dtype" in out:  # transformers 4.x name of the same key
+        out["torch_dtype"] = out["dtype"]
     return out
 
 
@@ -191,6 +201,16 @@ def hf_names(cfg: ModelConfig) -> set[str]:
     """Every on-disk HF tensor name the whole model is made of."""
     groups = (g for rule, i in _instances(cfg) for g in _part_names(rule, i, cfg.num_experts))
     return {name for group in groups for name in group}
+
+
+def hf_tensor_specs(cfg: ModelConfig) -> list[tuple[str, tuple[int, ...]]]:
+    """``(hf_name, shape)`` of every on-disk tensor, in the order ``canonical_to_hf`` yields them."""
+    syms = shape_symbols(cfg)
+    meta = {
+        rule.canonical.format(i=i): torch.empty(_canonical_shape(rule, syms), device="meta")
+        for rule, i in _instances(cfg)
+    }
+    return [(name, tuple(t.shape)) for name, t in canonical_to_hf(meta, cfg)]
 
 
 def hf_state_to_canonical(
@@ -328,39 +348,86 @@ def save_hf(
     dtype: torch.dtype | None = None,
     max_shard_bytes: int = DEFAULT_MAX_SHARD_BYTES,
     overwrite: bool = False,
+    **extras,
 ) -> None:
     """Write ``model`` as a Hugging Face checkpoint directory that transformers loads.
 
-    Written into a temporary sibling directory, then renamed into place.
-
     Args:
         model: a whole, unparallelized ``Transformer``.
-        path: target directory (must not exist, be empty, or ``overwrite`` must be set: then
-            the old directory is replaced as a whole).
+        path: target directory (must not exist, be empty, or ``overwrite`` must be set).
         dtype: dtype on disk (default: the model's).
         max_shard_bytes: shard size limit; above it, ``model-0000k-of-0000n.safetensors`` + index.
         overwrite: replace a non-empty existing ``path``.
+        **extras: ``hf_config`` / ``extra_files`` of ``write_hf_checkpoint``.
     """
     cfg = model.cfg
     if not (model.pre_process and model.post_process and len(model.layers) == cfg.num_layers):
         raise HFCheckpointError(
             "save_hf needs the whole model (all layers, embedding and head), not one pipeline stage"
         )
+    state = {k: v.detach() for k, v in model.state_dict().items()}
+    known = set(canonical_names(cfg))
+    unknown = sorted(set(state) - known)
+    if unknown:
+        raise HFCheckpointError(f"state dict has {len(unknown)} unknown parameter(s), e.g. {unknown[0]}")
+    dtype = dtype or next(model.parameters()).dtype
+    write_hf_checkpoint(state.__getitem__, cfg, path, dtype, max_shard_bytes, overwrite, **extras)
+
+
+def check_output_dir(path: str | os.PathLike, overwrite: bool) -> Path:
+    """Refuse an output path that is a file, or a non-empty directory unless ``overwrite``."""
     path = Path(path)
     if path.exists() and not path.is_dir():
         raise HFCheckpointError(f"{path}: exists and is not a directory")
     if path.is_dir() and any(path.iterdir()) and not overwrite:
-        raise HFCheckpointError(f"{path}: exists and is not empty (pass overwrite=True to replace it)")
-    dtype = dtype or next(model.parameters()).dtype
-    state = {k: v.detach() for k, v in model.state_dict().items()}
+        raise HFCheckpointError(f"{path}: exists and is not empty (use --overwrite to replace it)")
+    return path
+
+
+def write_hf_checkpoint(
+    get: Callable[[str], torch.Tensor],
+    cfg: ModelConfig,
+    path: str | os.PathLike,
+    dtype: torch.dtype,
+    max_shard_bytes: int = DEFAULT_MAX_SHARD_BYTES,
+    overwrite: bool = False,
+    hf_config: Mapping | None = None,
+    extra_files: Mapping[str, str | bytes] | None = None,
+) -> None:
+    """Write an HF checkpoint, asking ``get`` for one canonical tensor at a time.
+
+    The safetensors files are streamed (``write_safetensors``): memory holds one canonical tensor,
+    never the model. Everything is written into a temporary sibling directory, then renamed into
+    place (an ``overwrite``-n directory is replaced as a whole).
+
+    Args:
+        get: canonical name -> full tensor (read lazily from the source).
+        cfg: the model.
+        path: target directory.
+        dtype: dtype on disk.
+        max_shard_bytes: shard size limit.
+        overwrite: replace a non-empty existing ``path``.
+        hf_config: the source's ``config.json`` to keep (token ids, ...), see
+            ``model_config_to_hf_config``.
+        extra_files: more files to write beside the weights (``generation_config.json``,
+            tokenizer files): file name -> contents.
+    """
+    path = check_output_dir(path, overwrite)
     path.parent.mkdir(parents=True, exist_ok=True)
     tmp = path.parent / f".{path.name}.tmp-{os.getpid()}"
     shutil.rmtree(tmp, ignore_errors=True)
     tmp.mkdir()
     try:
-        config = model_config_to_hf_config(cfg, dtype)
+        config = model_config_to_hf_config(cfg, dtype, base=hf_config)
         (tmp / CONFIG_FILE).write_text(json.dumps(config, indent=2, sort_keys=True) + "\n")
-        write_shards(canonical_to_hf(state, cfg), tmp, dtype, max_shard_bytes)
+        for name, content in (extra_files or {}).items():
+            mode = "wb" if isinstance(content, bytes) else "w"
+            with open(tmp / name, mode) as f:
+                f.write(content)
+        tensors = (
+            pair for n in canonical_names(cfg) for pair in canonical_to_hf({n: get(n)}, cfg, strict=False)
+        )
+        write_safetensors(tmp, hf_tensor_specs(cfg), tensors, dtype, max_shard_bytes)
         move_into_place(tmp, path)
     except BaseException:
         shutil.rmtree(tmp, ignore_errors=True)

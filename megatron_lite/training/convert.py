@@ -19,7 +19,7 @@ from __future__ import annotations
 
 import math
 import shutil
-from collections.abc import Callable
+from collections.abc import Callable, Mapping
 from pathlib import Path
 
 import torch
@@ -147,13 +147,15 @@ def read_full_state(
 
 
 def write_model_checkpoint(
-    full: dict[str, torch.Tensor],
+    full: Mapping[str, torch.Tensor] | Callable[[str], torch.Tensor],
     cfg: Config,
     root: str | Path,
     progress: Callable[[str], None] = lambda _s: None,
     resume=None,
+    dtype: torch.dtype | None = None,
+    hf_source: Path | None = None,
 ) -> Path:
-    """Write a training checkpoint of ``full`` in ``cfg.parallel``'s layout.
+    """Write a training checkpoint of ``full`` in ``cfg.parallel``'s layout, one shard file at a time.
 
     Without ``resume`` it is model-only (iteration 0: a fresh run starts from these weights); with
     a ``convert_optimizer.ResumeState`` it carries the optimizer, schedule and data position, and
@@ -163,15 +165,20 @@ def write_model_checkpoint(
     is written last, so an interrupted conversion leaves nothing that looks complete.
 
     Args:
-        full: canonical name -> full tensor (e.g. from ``read_full_state`` or an HF directory).
+        full: canonical name -> full tensor: a dict, or a function reading one tensor from the
+            source (``convert_stream``), so only one shard file's tensors are held at once.
         cfg: config whose ``model`` matches ``full`` and whose ``parallel`` is the target layout.
         root: output checkpoint directory (created; must not hold a checkpoint already).
         progress: receives one line per shard file written.
         resume: optimizer states and position of the source run, or None.
+        dtype: dtype of the written weights (default: the source's).
+        hf_source: the HF directory the weights come from: its config and tokenizer files are
+            kept in ``iter_*/hf_source/`` so that an export back to HF can restore them.
 
     Returns:
         The ``iter_N`` directory.
     """
+    get = full.__getitem__ if isinstance(full, Mapping) else full
     root = Path(root)
     if (root / checkpoint.TRACKER).exists():
         raise CheckpointError(
@@ -189,7 +196,11 @@ def write_model_checkpoint(
     writers = shard_writers(dims)
     for k, rank in enumerate(writers, 1):
         coords = dims.coords(rank)
-        local = {n: shard_tensor(full[n], n, cfg.model, coords).clone() for n in stage_names(cfg, coords.pp)}
+        local = {}
+        for n in stage_names(cfg, coords.pp):
+            tensor = get(n)
+            local[n] = shard_tensor(tensor if dtype is None else tensor.to(dtype), n, cfg.model, coords)
+            del tensor  # the full tensor goes now: one shard file's tensors are held, not the model
         if resume is None:
             state = checkpoint.model_only_state(local, config_yaml)
         else:
@@ -197,7 +208,12 @@ def write_model_checkpoint(
         out = tmp / checkpoint.shard_name(dims, rank) / checkpoint.MODEL_FILE
         out.parent.mkdir(exist_ok=True)
         checkpoint.atomic_save(state, out)
+        del local, state
         progress(f"[{k}/{len(writers)}] wrote {out.parent.name}")
+    if hf_source is not None:
+        from megatron_lite.models.hf_extras import HF_SOURCE_DIR, copy_side_files
+
+        copy_side_files(hf_source, tmp / HF_SOURCE_DIR)
     checkpoint.publish(tmp, final, root, iteration)
     return final
 

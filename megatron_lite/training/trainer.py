@@ -237,14 +237,14 @@ class Trainer:
         """Train until ``train_iters`` (or ``exit_interval``); returns this call's per-iteration results."""
         tr, rt = self.cfg.training, self.runtime
         interval = _Interval()
-        first, saved_at = self.iteration, self.iteration
+        first, saved_at, started = self.iteration, self.iteration, time.perf_counter()
         while self.iteration < tr.train_iters:
             result = self.train_step(self.train_stream.next())
             self.iteration += 1
             self.history.append(result)
             self._accumulate(interval, result)
-            if self.iteration % self.cfg.logging.log_interval == 0:
-                self._log_interval(interval)
+            if self.iteration % self.cfg.logging.log_interval == 0 or self.iteration == tr.train_iters:
+                self._log_interval(interval)  # the last iteration is logged even off the interval
                 interval = _Interval()
             paused = time.perf_counter()  # evaluation and checkpoints do not count as iteration time
             if tr.eval_interval and self.iteration % tr.eval_interval == 0:
@@ -260,11 +260,26 @@ class Trainer:
                     f"exiting after iteration {self.iteration} on a signal (training.exit_signal_handler)"
                 )
                 break
+        if interval.iters:  # stopped early (exit interval, signal) between log lines
+            self._log_interval(interval)
         if tr.save and saved_at != self.iteration and self.iteration > first:
-            self.save()
+            saved_at = self.save()
         if self.grad_sync is not None:
             self.grad_sync.wait_param_gather()  # the model's weights are complete when train returns
+        self._log_summary(first, started, saved_at)
         return self.history
+
+    def _log_summary(self, first: int, started: float, saved_at: int) -> None:
+        """One closing line: iterations, tokens, wall time and where the checkpoint is."""
+        done = self.iteration - first
+        tokens = done * self.cfg.training.global_batch_size * self.cfg.data.seq_length
+        where = "no checkpoint (training.save is not set)"
+        if self.cfg.training.save and saved_at == self.iteration:
+            where = f"checkpoint: {checkpoint.iteration_dir(self.cfg.training.save, saved_at)}"
+        self._log(
+            f"training done: {done} iterations ({first} -> {self.iteration}), {tokens} tokens, "
+            f"{time.perf_counter() - started:.1f} s wall time, {where}"
+        )
 
     def _accumulate(self, it: _Interval, r: StepResult) -> None:
         it.iters += 1
