@@ -102,7 +102,7 @@ def test_flex_block_mask_matches_reference(window):
 
     from torch.nn.attention.flex_attention import flex_attention
 
-    from megatron_lite.models.common.attention_backends import _flex_block_mask
+    from megatron_lite.models.common.attention_backends import flex_block_mask as _flex_block_mask
 
     torch.manual_seed(0)
     b, s = 2, 128  # FlexAttention works in 128-token blocks

@@ -14,8 +14,23 @@
 namespace megatron_lite {
 namespace cuda {
 
-constexpr unsigned kFullMask = 0xffffffffu;
+// Lanes per warp and the lane-mask type of the *_sync warp builtins, as the hardware has them.
+// ROCm builds (torch hipifies this file; USE_ROCM is defined) run 64-lane wavefronts on CDNA
+// (MI200/MI300) and 32 on RDNA, and HIP's sync shuffles take 64-bit masks (setup.py defines
+// HIP_ENABLE_WARP_SYNC_BUILTINS for them). Kernels derive every per-warp quantity from these.
+#if defined(USE_ROCM) || defined(__HIP_PLATFORM_AMD__)
+using LaneMask = unsigned long long;
+#if defined(__AMDGCN_WAVEFRONT_SIZE)
+constexpr int kWarp = __AMDGCN_WAVEFRONT_SIZE;  // device pass: the target's wavefront
+#else
+constexpr int kWarp = 64;  // host pass: only sizes grids, and kernels use grid-stride loops
+#endif
+#else
+using LaneMask = unsigned;
 constexpr int kWarp = 32;
+#endif
+constexpr LaneMask kFullMask = ~LaneMask{0};  // every lane of the warp
+static_assert(sizeof(LaneMask) * 8 >= kWarp, "a lane mask must cover the whole warp");
 
 // N elements moved as one 16-byte (or smaller) transaction.
 template <typename T, int N>

@@ -73,9 +73,9 @@ __global__ void __launch_bounds__(kThreads)
       prev_v = bv;
       prev_i = bi;
     }
-    __syncwarp();  // lane 0's unnormalised weights are visible to the other lanes
+    __syncwarp(kFullMask);  // lane 0's unnormalised weights are visible to the other lanes
     for (int r = lane; r < k; r += kWarp) w[r] = w[r] / denom;
-    __syncwarp();
+    __syncwarp(kFullMask);
   }
   __syncthreads();
   for (int e = threadIdx.x; e < E; e += blockDim.x) {

@@ -4,8 +4,9 @@ Every op has a CUDA kernel (``csrc/cuda/``), a C++ CPU kernel (``csrc/*.cpp``), 
 into ``megatron_lite._C``, and a pure-torch reference (:mod:`megatron_lite.ops.reference`).
 The functions here validate their inputs (errors name the argument, its dtype and shape), make
 them contiguous, and dispatch: the compiled kernel when ``megatron_lite._C`` has it for the
-tensor's device, otherwise the reference with a one-time warning per op. ``grouped_mm`` uses
-``torch._grouped_mm`` as its fast face and a per-expert loop as its reference.
+tensor's device, otherwise the reference with a one-time warning per op. ``grouped_mm`` has its
+own faces (torch's grouped GEMM, a Triton kernel for GPUs without one, an allocation-free loop;
+see :mod:`megatron_lite.ops.grouped_mm`) and a per-expert loop as its reference.
 
 Choose the face with :func:`set_backend` / :func:`use_backend`: ``"auto"`` (default),
 ``"compiled"`` (never fall back; raise instead) or ``"reference"``.

@@ -84,7 +84,8 @@ def rng_state() -> dict[str, Any]:
         },
     }
     if torch.cuda.is_available() and torch.cuda.is_initialized():
-        state["cuda"] = torch.cuda.get_rng_state_all()
+        # This rank's own device only: a relaunch may see fewer GPUs, or map the rank to another index.
+        state["cuda"] = torch.cuda.get_rng_state()
     return state
 
 
@@ -96,7 +97,23 @@ def set_rng_state(state: dict[str, Any]) -> None:
     keys = n["keys"].numpy().astype(np.uint32)
     np.random.set_state((n["kind"], keys, n["pos"], n["has_gauss"], n["gauss"]))
     if "cuda" in state and torch.cuda.is_available():
-        torch.cuda.set_rng_state_all(state["cuda"])
+        cuda_state = cuda_rng_state_for_device(state["cuda"], torch.cuda.current_device())
+        if cuda_state is not None:
+            torch.cuda.set_rng_state(cuda_state)
+
+
+def cuda_rng_state_for_device(saved: Any, device_index: int) -> torch.Tensor | None:
+    """The CUDA generator state to restore on ``device_index``.
+
+    Checkpoints hold this device's state (one tensor); older ones held every visible GPU's state
+    as a list indexed by device, of which this device's entry is taken (None when the list is
+    shorter than the index: the fresh seed stays).
+    """
+    if isinstance(saved, torch.Tensor):
+        return saved
+    if isinstance(saved, (list, tuple)) and device_index < len(saved):
+        return saved[device_index]
+    return None
 
 
 def _as_tuple(x: Any) -> Any:

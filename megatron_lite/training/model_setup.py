@@ -130,10 +130,24 @@ SAVED_OPS = _op_set(
 )
 
 
+# Attention kernels from optional packages, by qualified name (they exist only when installed):
+# flash-attn 2.6+ registers its kernels as torch custom ops, flash-attn 3 (Hopper) under its own name.
+SAVED_OP_NAMES = frozenset(
+    {
+        "flash_attn::_flash_attn_forward",
+        "flash_attn::_flash_attn_varlen_forward",
+        "flash_attn_3::_flash_attn_forward",
+        "flash_attn_3::fwd",
+    }
+)
+
+
 def selective_policy(_ctx, op, *_args, **_kwargs) -> CheckpointPolicy:
-    """Keep the outputs of ``SAVED_OPS``; recompute every other op in backward."""
+    """Keep the outputs of ``SAVED_OPS`` and ``SAVED_OP_NAMES``; recompute every other op in backward."""
     packet = getattr(op, "overloadpacket", op)
-    return CheckpointPolicy.MUST_SAVE if packet in SAVED_OPS else CheckpointPolicy.PREFER_RECOMPUTE
+    if packet in SAVED_OPS or getattr(packet, "_qualified_op_name", None) in SAVED_OP_NAMES:
+        return CheckpointPolicy.MUST_SAVE
+    return CheckpointPolicy.PREFER_RECOMPUTE
 
 
 def _selectively_checkpointed(forward, *args, **kwargs):

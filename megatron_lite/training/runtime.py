@@ -44,6 +44,7 @@ from megatron_lite.models.common.attention_backends import flash_attn_available
 from megatron_lite.parallel import comm
 from megatron_lite.parallel.dims import ParallelDims, validate_layout
 from megatron_lite.pipeline.stages import check_pipeline_config
+from megatron_lite.training.device_checks import check_device_options
 from megatron_lite.training.logging import check_backends
 
 DTYPES = {"fp32": torch.float32, "bf16": torch.bfloat16, "fp16": torch.float16}
@@ -94,6 +95,7 @@ def check_run_config(cfg: Config, world_size: int) -> int:
         raise ConfigError("training.device is 'cuda' but no CUDA device is available")
     _check_precision(cfg)
     _check_attention(cfg)
+    check_device_options(cfg)  # GPU-only options on a machine that cannot serve them
     opt = cfg.optimizer
     decay = opt.lr_decay_iters if opt.lr_decay_iters is not None else tr.train_iters
     if opt.lr_decay_style != "constant" and decay <= opt.lr_warmup_iters:

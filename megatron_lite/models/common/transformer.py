@@ -136,7 +136,7 @@ class Transformer(nn.Module):
         rope = self.rope(position_ids)  # cos, sin: [b, s, hd]
         meta = AttentionMeta(cu_seqlens, max_seqlen, self.cfg.sliding_window, self.attention_backend)
         if cache is None:  # generation attends through the cache, without these masks
-            meta.prepare(b, s, h.device)
+            meta.prepare(b, s, h.device, h.dtype)
         blocks = self.layers.values() if layers is None else (self.layers[k] for k in layers)
         for layer in blocks:
             h = layer(h, rope, meta, cache)
