@@ -309,6 +309,12 @@ class TrainingConfig:
     # On SIGTERM (SLURM preemption/time limit, torchrun shutdown): finish the iteration, save (if
     # training.save) and exit with status 0, so a requeued job resumes where this one stopped.
     exit_signal_handler: bool = True
+    # Process-group timeout (Megatron's --distributed-timeout-minutes): a collective that waits
+    # longer (a frozen or dead rank) raises on the other ranks, which then exit with one line.
+    dist_timeout_minutes: float = 10.0
+    # fp16 only: stop after this many consecutive skipped (overflowing) steps; bf16/fp32 stop on the
+    # first non-finite loss or gradient norm.
+    max_consecutive_skips: int = 20
 
     def validate(self) -> None:
         """Check sizes and names."""
@@ -320,6 +326,8 @@ class TrainingConfig:
         _one_of("training.device", self.device, ("auto", "cpu", "cuda"))
         _one_of("training.attention_backend", self.attention_backend, ("auto", "flash", "flex", "sdpa"))
         _one_of("training.recompute", self.recompute, ("none", "full", "selective"))
+        _positive("training.dist_timeout_minutes", self.dist_timeout_minutes)
+        _positive("training.max_consecutive_skips", self.max_consecutive_skips)
         for name in ("save_interval", "eval_interval", "exit_interval", "keep_last_checkpoints"):
             if getattr(self, name) is not None:
                 _positive(f"training.{name}", getattr(self, name))

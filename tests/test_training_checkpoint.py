@@ -116,7 +116,7 @@ def test_layout_is_atomic(tmp_path):
     assert sorted(p.name for p in ckpt.iterdir()) == ["iter_0000002", "iter_0000004", checkpoint.TRACKER]
     assert (ckpt / checkpoint.TRACKER).read_text() == "4\n"
     it = ckpt / "iter_0000004"
-    assert sorted(p.name for p in it.iterdir()) == ["config.yaml", "mp_rank_00", "rng"]
+    assert sorted(p.name for p in it.iterdir()) == ["config.yaml", "metadata.json", "mp_rank_00", "rng"]
     state = torch.load(it / "mp_rank_00" / checkpoint.MODEL_FILE, weights_only=True)
     assert state["iteration"] == 4 and state["consumed_samples"] == 16
     assert "layers.0.attention.wqkv.weight" in state["model"] and "optimizer" in state

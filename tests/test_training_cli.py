@@ -100,8 +100,8 @@ def test_cli_data_errors_are_one_line(tmp_path):
 
 
 def test_sigterm_saves_and_resume_continues(tmp_path):
-    """SIGTERM (SLURM preemption) mid-run: the iteration finishes, a checkpoint is saved, exit 0;
-    the relaunch resumes after it."""
+    """SIGTERM (SLURM preemption) mid-run: the iteration finishes, a checkpoint is saved, exit 3
+    (requeue) with the run dir's requeue marker; the relaunch resumes after it."""
     import signal
 
     config = tmp_path / "config.yaml"
@@ -118,8 +118,8 @@ def test_sigterm_saves_and_resume_continues(tmp_path):
             break
     out, _ = proc.communicate(timeout=120)
     err_file.close()
-    assert proc.returncode == 0, (tmp_path / "stderr.txt").read_text()
-    assert "on a signal" in out
+    assert proc.returncode == 3, (tmp_path / "stderr.txt").read_text()
+    assert "on a signal" in out and (tmp_path / "requeue").is_file()
     stopped = int((tmp_path / "ckpt" / "latest_checkpointed_iteration.txt").read_text())
     assert 1 <= stopped < 100000
     again = pretrain(tmp_path, "--training.load", ckpt, "--training.train_iters", str(stopped + 2))
@@ -149,7 +149,7 @@ def test_torchrun_tensor_parallel(tmp_path):
     lines = [m for m in map(TRAIN_RE.search, out.stdout.splitlines()) if m]
     assert [int(m["it"]) for m in lines] == [2, 4]  # printed by the last rank only
     shards = sorted(p.name for p in (tmp_path / "ckpt" / "iter_0000004").iterdir())
-    assert shards == ["config.yaml", "mp_rank_00", "mp_rank_01", "rng"]
+    assert shards == ["config.yaml", "metadata.json", "mp_rank_00", "mp_rank_01", "rng"]
 
 
 def test_bench_train_tiny_smoke(tmp_path):

@@ -23,10 +23,11 @@ def parse_blend(paths: list[str]) -> tuple[list[str], list[float] | None]:
     """``["0.7", "a", "0.3", "b"]`` -> (["a", "b"], [0.7, 0.3]); ``["a"]`` or ``["a", "b"]`` -> weights None.
 
     Raises:
-        ValueError: mixed or odd weight/prefix lists, negative or all-zero weights.
+        DatasetError (a ValueError): mixed or odd weight/prefix lists, weights that are negative,
+            not finite or all zero.
     """
     if not paths:
-        raise ValueError("data paths are empty: give a prefix or a weight/prefix list")
+        raise DatasetError("data paths are empty: give a prefix or a weight/prefix list")
 
     def is_number(s: str) -> bool:
         try:
@@ -38,12 +39,14 @@ def parse_blend(paths: list[str]) -> tuple[list[str], list[float] | None]:
     if not any(is_number(p) for p in paths):
         return list(paths), None
     if len(paths) % 2 or not all(is_number(w) for w in paths[0::2]):
-        raise ValueError(
+        raise DatasetError(
             f"data paths {paths} must alternate weight and prefix: ['0.7', 'prefA', '0.3', 'prefB']"
         )
     weights = [float(w) for w in paths[0::2]]
-    if min(weights) < 0 or sum(weights) <= 0:
-        raise ValueError(f"blend weights {weights} must be non-negative with a positive sum")
+    if not all(math.isfinite(w) for w in weights) or min(weights) < 0 or sum(weights) <= 0:
+        raise DatasetError(
+            f"blend weights {weights} (data.path) must be finite, non-negative, with a positive sum"
+        )
     return list(paths[1::2]), weights
 
 

@@ -149,6 +149,9 @@ class GPTDataset:
             "seed": int(seed),
         }
         self.unique_id = description_hash(self.description)
+        tokens_per_epoch = int(self.indexed.sequence_lengths[self.documents].sum(dtype=np.int64))
+        # > 1: the split is smaller than the run needs and its documents repeat (the caller warns)
+        self.num_epochs = num_epochs_needed(tokens_per_epoch, seq_length, num_samples) if num_samples else 1
         build = lambda: build_indices(
             self.indexed.sequence_lengths, self.documents, seq_length, num_samples, seed
         )

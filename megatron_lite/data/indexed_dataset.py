@@ -138,6 +138,24 @@ class IndexedDataset:
         self.document_indices = np.frombuffer(buf, "<i8", n_doc, HEADER_SIZE + 12 * n_seq)  # [D]
         if n_doc == 0 or self.document_indices[0] != 0 or self.document_indices[-1] != n_seq:
             raise DatasetError(f"{path}: corrupt document indices (must run from 0 to {n_seq})")
+        self._check_lengths()
+
+    def _check_lengths(self, block: int = 1 << 20) -> None:
+        """Lengths must be non-negative and agree with the byte pointers (a flipped length would
+        otherwise read the wrong tokens or fail deep inside sample building)."""
+        lengths, pointers, size = self.sequence_lengths, self.sequence_pointers, self.dtype.itemsize
+        for start in range(0, len(lengths), block):  # blocks: O(block) scratch for any index size
+            end = min(start + block + 1, len(lengths))
+            ln, ptr = lengths[start:end].astype(np.int64), pointers[start:end]  # [n]
+            bad = np.flatnonzero((ln < 0) | np.append(np.diff(ptr) != ln[:-1] * size, False))
+            if start == 0 and len(ptr) and ptr[0] != 0:
+                bad = np.insert(bad, 0, 0)
+            if len(bad):
+                i = start + int(bad[0])
+                raise DatasetError(
+                    f"{self._idx_path}: corrupt index: sequence {i} has length {int(lengths[i])} and "
+                    f"byte pointer {int(pointers[i])}, which disagree with the next pointer"
+                )
 
     def _map_data(self) -> None:
         size = os.path.getsize(self._bin_path)

@@ -191,8 +191,11 @@ class ParallelDims:
 
     # ------------------------------------------------------------------ process groups
 
-    def create_groups(self) -> None:
+    def create_groups(self, timeout=None) -> None:
         """Create every process group (all ranks must call this, in the same order); idempotent.
+
+        ``timeout`` (a ``datetime.timedelta``) bounds each collective of the new groups; None keeps
+        torch's default (sub-groups do not inherit the default group's timeout).
 
         Without an initialised default group and with ``world_size == 1`` no group is created:
         :meth:`group` then returns None, which the comm primitives treat as "just this rank".
@@ -215,7 +218,7 @@ class ParallelDims:
         groups: dict[str, object] = {}
         for name in GROUP_NAMES:
             for ranks in self.rank_lists(name):
-                pg = dist.new_group(ranks)
+                pg = dist.new_group(ranks, timeout=timeout)
                 if self.rank in ranks:
                     groups[name] = pg
         self._groups = groups

@@ -19,9 +19,11 @@ shard writer's file holds only the optimizer's layout, and every rank writes its
 
 from __future__ import annotations
 
+import json
 import os
 import random
 import shutil
+from collections.abc import Callable
 from pathlib import Path
 from typing import Any
 
@@ -30,14 +32,22 @@ import torch
 from torch import nn
 
 from megatron_lite.parallel.dims import ParallelDims
+from megatron_lite.training.checkpoint_files import (  # noqa: F401 - CheckpointError, read_state: public here
+    METADATA_FILE,
+    CheckpointError,
+    _atomic_write_text,
+    _fsync_dir,
+    atomic_save,
+    file_digest,
+    first_nonfinite,
+    read_metadata,
+    read_state,
+)
 
 TRACKER = "latest_checkpointed_iteration.txt"
 MODEL_FILE = "model_optim_rng.pt"
 DISTRIB_OPTIM_FILE = "distrib_optim_dp{:03d}.pt"
-
-
-class CheckpointError(RuntimeError):
-    """A checkpoint is missing, unreadable or does not fit the model; the message names the file."""
+SAVE_DELAY_ENV = "MEGATRON_LITE_TEST_SAVE_DELAY"  # test hook: seconds each save sleeps (slow-disk drill)
 
 
 def iteration_dir(root: str | Path, iteration: int) -> Path:
@@ -120,32 +130,8 @@ def _as_tuple(x: Any) -> Any:
     return tuple(_as_tuple(v) for v in x) if isinstance(x, (list, tuple)) else x
 
 
-def atomic_save(obj: Any, path: Path) -> None:
-    """torch.save to ``path.tmp``, fsync, rename: a reader never sees half a file."""
-    tmp = path.with_name(path.name + ".tmp")
-    with open(tmp, "wb") as f:
-        torch.save(obj, f)
-        f.flush()
-        os.fsync(f.fileno())
-    os.replace(tmp, path)
-
-
-def _atomic_write_text(path: Path, text: str) -> None:
-    tmp = path.with_name(path.name + ".tmp")
-    with open(tmp, "w") as f:
-        f.write(text)
-        f.flush()
-        os.fsync(f.fileno())
-    os.replace(tmp, path)
-    _fsync_dir(path.parent)
-
-
-def _fsync_dir(path: Path) -> None:
-    fd = os.open(path, os.O_RDONLY)
-    try:
-        os.fsync(fd)
-    finally:
-        os.close(fd)
+def _gather_one(obj: Any) -> list[Any]:
+    return [obj]
 
 
 def save(
@@ -160,6 +146,7 @@ def save(
     barrier=lambda: None,
     extra: dict[str, Any] | None = None,
     keep_last: int | None = None,
+    gather: Callable[[Any], list[Any]] = _gather_one,
 ) -> Path:
     """Write checkpoint ``iteration`` under ``root``; every rank calls this.
 
@@ -174,9 +161,15 @@ def save(
         extra: more picklable-by-weights-only state (loss scaler, consumed validation samples, ...).
         keep_last: once this checkpoint is complete, delete all but the newest ``keep_last``
             ``iter_*`` directories (None keeps everything).
+        gather: all-gathers one picklable object per rank into a rank-ordered list (identity list
+            on one process); every rank learns of a failure anywhere, so none waits alone.
 
     Returns:
         The final ``iter_N`` directory.
+
+    Raises:
+        CheckpointError: on every rank, when any rank holds a non-finite model tensor (nothing is
+            written) or failed to write (the ``.tmp`` directory is removed).
     """
     root, rank = Path(root), dims.rank or 0
     # Mixed precision: the optimizer's fp32 main values under the model's names (all ranks take
@@ -185,11 +178,71 @@ def save(
     model_state = main_state(model) if main_state is not None else model.state_dict()
     final = iteration_dir(root, iteration)
     tmp = final.with_name(final.name + ".tmp")
+    model_state = model.state_dict()
+    bad = _first_error(gather(first_nonfinite(model_state)))
+    if bad is not None:
+        raise CheckpointError(
+            f"not saving iteration {iteration} to {root}: model tensor {bad[1]} (rank {bad[0]}) is not finite"
+        )
+    error = None
     if rank == 0:
-        shutil.rmtree(tmp, ignore_errors=True)  # leftovers of a crash during an earlier save
-        (tmp / "rng").mkdir(parents=True)
-        (tmp / "config.yaml").write_text(config_yaml)
+        try:
+            shutil.rmtree(tmp, ignore_errors=True)  # leftovers of a crash during an earlier save
+            (tmp / "rng").mkdir(parents=True)
+            (tmp / "config.yaml").write_text(config_yaml)
+        except OSError as exc:
+            error = _os_reason(exc, tmp)
+    results = [(e, {}) for e in gather(error)]  # also the barrier: the directory exists
+    if _first_error([e for e, _ in results]) is None:
+        digests = {}
+        try:
+            digests = _write_rank_files(
+                tmp,
+                rank,
+                dims,
+                iteration,
+                model_state,
+                optimizer,
+                scheduler,
+                consumed_samples,
+                config_yaml,
+                extra,
+            )
+        except (OSError, RuntimeError) as exc:  # torch.save wraps a failed write in RuntimeError
+            error = _os_reason(exc, tmp)
+        results = gather((error, digests))
+    failed = _first_error([e for e, _ in results])
+    if failed is not None:
+        if rank == 0:
+            shutil.rmtree(tmp, ignore_errors=True)
+        barrier()
+        raise CheckpointError(
+            f"saving iteration {iteration} to {root} failed on rank {failed[0]}: {failed[1]}"
+        )
+    if rank == 0:
+        _publish_with_metadata(tmp, final, root, iteration, dims, results)
+        if keep_last is not None:
+            prune(root, keep_last)
     barrier()
+    return final
+
+
+def _os_reason(exc: Exception, where: Path) -> str:
+    if isinstance(exc, OSError):
+        return f"{exc.strerror or exc} ({exc.filename or where})"
+    return f"{str(exc).strip().splitlines()[0] if str(exc).strip() else type(exc).__name__} ({where})"
+
+
+def _first_error(values: list[Any]) -> tuple[int, Any] | None:
+    """(rank, value) of the first non-None value of a rank-ordered list."""
+    return next(((r, v) for r, v in enumerate(values) if v is not None), None)
+
+
+def _write_rank_files(
+    tmp, rank, dims, iteration, model_state, optimizer, scheduler, consumed_samples, config_yaml, extra
+) -> dict[str, str]:
+    """This rank's files of checkpoint ``tmp``; returns ``{path relative to tmp: sha256}``."""
+    digests = {}
     if is_shard_writer(dims, rank):
         (tmp / shard_name(dims, rank)).mkdir(exist_ok=True)
         state = {
@@ -201,18 +254,29 @@ def save(
             "config": config_yaml,
             "extra": extra or {},
         }
-        atomic_save(state, tmp / shard_name(dims, rank) / MODEL_FILE)
+        name = f"{shard_name(dims, rank)}/{MODEL_FILE}"
+        digests[name] = atomic_save(state, tmp / name)
     if hasattr(optimizer, "sharded_state_dict"):  # distributed optimizer: every dp rank's own shard
         (tmp / shard_name(dims, rank)).mkdir(exist_ok=True)
-        atomic_save(optimizer.sharded_state_dict(), distrib_optim_path(tmp, dims, rank))
-    atomic_save(rng_state(), tmp / "rng" / f"rank_{rank:05d}.pt")
-    barrier()
-    if rank == 0:
-        publish(tmp, final, root, iteration)
-        if keep_last is not None:
-            prune(root, keep_last)
-    barrier()
-    return final
+        path = distrib_optim_path(tmp, dims, rank)
+        digests[str(path.relative_to(tmp))] = atomic_save(optimizer.sharded_state_dict(), path)
+    digests[f"rng/rank_{rank:05d}.pt"] = atomic_save(rng_state(), tmp / "rng" / f"rank_{rank:05d}.pt")
+    delay = float(os.environ.get(SAVE_DELAY_ENV, "0") or 0)
+    if delay > 0:  # drills: a save as slow as a big model's on a busy file system
+        import time
+
+        time.sleep(delay)
+    return digests
+
+
+def _publish_with_metadata(tmp: Path, final: Path, root: Path, iteration: int, dims, results) -> None:
+    """Rank 0: write ``metadata.json`` (every rank's digests) into ``tmp``, then publish it."""
+    digests = {"config.yaml": file_digest(tmp / "config.yaml")}
+    for _, rank_digests in results:
+        digests.update(rank_digests)
+    meta = {"format": 1, "iteration": iteration, "world_size": dims.world_size, "sha256": digests}
+    _atomic_write_text(tmp / METADATA_FILE, json.dumps(meta, indent=1, sort_keys=True) + "\n")
+    publish(tmp, final, root, iteration)
 
 
 def prune(root: Path, keep_last: int) -> list[Path]:
@@ -279,16 +343,6 @@ def latest_iteration(root: str | Path) -> int | None:
         ) from None
 
 
-def read_state(path: Path) -> dict[str, Any]:
-    if not path.is_file():
-        raise CheckpointError(f"checkpoint file {path} is missing")
-    try:
-        return torch.load(path, map_location="cpu", weights_only=True)
-    except Exception as exc:  # noqa: BLE001 - any failure to unpickle means a bad file
-        reason = str(exc).strip().splitlines()[0] if str(exc).strip() else type(exc).__name__
-        raise CheckpointError(f"checkpoint file {path} is corrupt or unreadable: {reason}") from None
-
-
 def load(
     root: str | Path,
     model: nn.Module,
@@ -311,8 +365,9 @@ def load(
         if iteration is None:
             return None
     rank = dims.rank or 0
+    meta = read_metadata(iteration_dir(root, iteration))
     path = iteration_dir(root, iteration) / shard_name(dims, rank) / MODEL_FILE
-    state = read_state(path)
+    state = read_state(path, meta)
     saved_optim = state["optimizer"]
     try:
         model.load_state_dict(state["model"], strict=True)  # cast into bf16 weights if need be
@@ -337,8 +392,11 @@ def load(
     if optimizer is not None and saved_optim is not None and getattr(optimizer, "needs_shard_files", False):
         _load_optimizer_shard(iteration_dir(root, iteration), optimizer, dims, rank)
     rng_path = iteration_dir(root, iteration) / "rng" / f"rank_{rank:05d}.pt"
+    same_world = meta is not None and meta.get("world_size") == dims.world_size
+    if same_world and not rng_path.is_file():
+        raise CheckpointError(f"checkpoint file {rng_path} is missing (RNG state of rank {rank})")
     if rng_path.is_file():  # absent when resuming on another world size: keep the fresh seeds
-        set_rng_state(read_state(rng_path))
+        set_rng_state(read_state(rng_path, meta))
     return {
         "iteration": int(state["iteration"]),
         "consumed_samples": int(state["consumed_samples"]),
@@ -351,7 +409,7 @@ def _load_optimizer_shard(iter_dir: Path, optimizer, dims: ParallelDims, rank: i
     checkpoint has this run's layout, else resharded from every file that holds its parameters."""
     if optimizer.same_layout():
         path = distrib_optim_path(iter_dir, dims, rank)
-        state = read_state(path)  # CheckpointError naming the file when missing or unreadable
+        state = read_state(path, read_metadata(iter_dir))  # CheckpointError naming a missing/bad file
         try:
             optimizer.load_sharded_state_dict(state)
         except (KeyError, RuntimeError, ValueError) as exc:
@@ -382,10 +440,10 @@ def optimizer_shard_sources(iter_dir: Path, dims: ParallelDims, rank: int) -> li
             name = shard_name(dims, r)
             old = dirs.get(name, (False, False))
             dirs[name] = (old[0] or dense, old[1] or expert)
-    sources = []
+    sources, meta = [], read_metadata(iter_dir)
     for name, (dense, expert) in sorted(dirs.items()):
         files = sorted((iter_dir / name).glob(DISTRIB_OPTIM_FILE.replace("{:03d}", "*")))
         if not files:
             raise CheckpointError(f"{iter_dir / name}: no distributed-optimizer shard files")
-        sources += [(dense, expert, read_state(f)) for f in files]
+        sources += [(dense, expert, read_state(f, meta)) for f in files]
     return sources

@@ -15,6 +15,7 @@ import numpy as np
 import torch
 
 from megatron_lite.config import Config, ConfigError
+from megatron_lite.data.indexed_dataset import DatasetError
 
 
 class MockGPTDataset:
@@ -70,6 +71,10 @@ def build_datasets(cfg: Config, group=None) -> tuple[Any, Any, Any, int]:
         raise ConfigError(
             f"tokenizer vocabulary ({tokenizer.vocab_size}) exceeds model.vocab_size ({cfg.model.vocab_size})"
         )
+    from megatron_lite.data.blended_dataset import parse_blend
+
+    prefixes, _ = parse_blend(list(cfg.data.path))
+    check_dataset_vocab(prefixes, cfg.model.vocab_size)
     train, valid, test = build_gpt_datasets(
         cfg.data.path,
         cfg.data.split,
@@ -94,6 +99,11 @@ class BatchStream:
         data_cfg: ``DataConfig`` (packing / EOD handling flags).
         eod: end-of-document token id.
         device: where batches are placed.
+        vocab_size: token ids must lie below it (checked on the host for every microbatch: one
+            max over the tokens, before an embedding lookup fails or silently reads padding);
+            None skips the check.
+        cycle: start again at sample 0 when the dataset runs out (validation: a resumed run with
+            another ``eval_interval`` may have consumed more than this run's split holds).
     """
 
     def __init__(
@@ -107,17 +117,24 @@ class BatchStream:
         data_cfg,
         eod: int,
         device: torch.device,
+        vocab_size: int | None = None,
+        cycle: bool = False,
     ):
-        from megatron_lite.data.sampler import MegatronPretrainingSampler
-
         self.dataset = dataset
-        self.consumed_samples = consumed_samples
         self.global_batch_size = micro_batch_size * num_microbatches * dp_size
         self.num_microbatches = num_microbatches
         self.data_cfg, self.eod, self.device = data_cfg, eod, device
-        self._indices = iter(
-            MegatronPretrainingSampler(len(dataset), consumed_samples, micro_batch_size, dp_rank, dp_size)
-        )
+        self.vocab_size, self.cycle = vocab_size, cycle
+        self._sampler_args = (micro_batch_size, dp_rank, dp_size)
+        if cycle and consumed_samples >= len(dataset):
+            consumed_samples = 0
+        self.consumed_samples = consumed_samples
+        self._indices = self._sampler(consumed_samples)
+
+    def _sampler(self, consumed_samples: int):
+        from megatron_lite.data.sampler import MegatronPretrainingSampler
+
+        return iter(MegatronPretrainingSampler(len(self.dataset), consumed_samples, *self._sampler_args))
 
     def next(self) -> list:
         """The next global batch: ``num_microbatches`` ``Batch`` objects on ``device``."""
@@ -126,9 +143,14 @@ class BatchStream:
             try:
                 idx = next(self._indices)
             except StopIteration:
-                raise RuntimeError(
-                    f"dataset exhausted after {self.consumed_samples} samples ({len(self.dataset)} available)"
-                ) from None
+                if self.cycle and not batches:
+                    self.consumed_samples, self._indices = 0, self._sampler(0)
+                    idx = next(self._indices)
+                else:
+                    raise RuntimeError(
+                        f"dataset exhausted after {self.consumed_samples} samples "
+                        f"({len(self.dataset)} available)"
+                    ) from None
             batches.append(self._collate(idx))
         self.consumed_samples += self.global_batch_size
         return batches
@@ -137,6 +159,8 @@ class BatchStream:
         from megatron_lite.data.batching import collate_samples, make_batch
 
         samples = collate_samples([self.dataset[i] for i in idx])
+        if self.vocab_size is not None:
+            check_token_ids(samples["tokens"], self.vocab_size, self.dataset, idx)
         d = self.data_cfg
         batch = make_batch(
             samples["tokens"],
@@ -147,6 +171,81 @@ class BatchStream:
             sample_loss_mask=samples.get("loss_mask"),
         )
         return to_device(batch, self.device)
+
+
+class BatchDataError(DatasetError):
+    """A token id outside the vocabulary, found in this rank's batch (other ranks may not see it)."""
+
+    local = True  # pretrain prints it on the rank that found it
+
+
+def dataset_name(dataset) -> str:
+    """The prefix(es) a dataset reads, for error messages."""
+    if hasattr(dataset, "prefix"):
+        return str(dataset.prefix)
+    if hasattr(dataset, "datasets"):
+        return ", ".join(dataset_name(d) for d in dataset.datasets)
+    return type(dataset).__name__
+
+
+def check_token_ids(tokens, vocab_size: int, dataset, indices) -> None:
+    """Raise BatchDataError when a token id is negative or >= ``vocab_size``.
+
+    Args:
+        tokens: int64 [b, s + 1] token ids of one microbatch (torch or numpy, on the host).
+        vocab_size: ``model.vocab_size``.
+        dataset: what the tokens came from (named in the message).
+        indices: the microbatch's sample indices (named in the message).
+    """
+    t = torch.as_tensor(tokens)
+    top, low = int(t.max()), int(t.min())
+    if top < vocab_size and low >= 0:
+        return
+    bad = top if top >= vocab_size else low
+    raise BatchDataError(
+        f"{dataset_name(dataset)}: token id {bad} outside the vocabulary [0, {vocab_size}) "
+        f"(model.vocab_size) in samples {list(indices)}; was it tokenized with a bigger tokenizer?"
+    )
+
+
+def check_dataset_vocab(prefixes: list[str], vocab_size: int, max_bytes: int = 1 << 30) -> None:
+    """Once at start: the largest token id of every ``.bin`` must lie below ``vocab_size``.
+
+    A ``.bin`` of at most ``max_bytes`` is scanned whole (numpy max over the memory map, about a
+    second per GiB); larger ones are sampled (64 evenly spaced 1 MiB windows) to keep the start
+    cheap, the per-batch check catches what sampling misses.
+
+    Raises:
+        DatasetError: ``data error`` naming the dataset and its largest id.
+    """
+    from megatron_lite.data.indexed_dataset import IndexedDataset
+
+    for prefix in prefixes:
+        ds = IndexedDataset(prefix)
+        data = np.frombuffer(ds._bin_buffer, ds.dtype, ds.num_tokens)  # [tokens], no copy
+        if data.nbytes > max_bytes:
+            step, window = len(data) // 64, (1 << 20) // ds.dtype.itemsize
+            data = np.concatenate([data[i * step : i * step + window] for i in range(64)])
+        top = int(data.max()) if len(data) else -1
+        if top >= vocab_size:
+            raise DatasetError(
+                f"{prefix}.bin: largest token id {top} >= model.vocab_size ({vocab_size}); the data was "
+                "tokenized with a bigger tokenizer than this model's"
+            )
+
+
+def epoch_warnings(dataset, split: str) -> list[str]:
+    """One line per component dataset whose documents repeat (the run needs more than one epoch)."""
+    parts = dataset.datasets if hasattr(dataset, "datasets") else [dataset]
+    lines = []
+    for d in parts:
+        epochs = getattr(d, "num_epochs", 1)
+        if epochs > 1:
+            lines.append(
+                f" > warning: {split} data {d.prefix} is smaller than the run needs: its documents "
+                f"repeat over {epochs} epochs"
+            )
+    return lines
 
 
 def to_device(batch, device: torch.device):

@@ -31,6 +31,7 @@ creates no process groups); there is no module-level state.
 from __future__ import annotations
 
 import contextlib
+import datetime
 import os
 import random
 from dataclasses import dataclass
@@ -185,6 +186,14 @@ class Runtime:
         if self.distributed:
             dist.barrier()
 
+    def gather_objects(self, obj):
+        """Every rank's picklable ``obj`` in rank order, on every rank (``[obj]`` on one process)."""
+        if not self.distributed:
+            return [obj]
+        out = [None] * self.world_size
+        dist.all_gather_object(out, obj)
+        return out
+
 
 def init_runtime(cfg: Config) -> Runtime:
     """Pick the device, start the process group under torchrun, build the rank grid, seed RNGs."""
@@ -195,9 +204,11 @@ def init_runtime(cfg: Config) -> Runtime:
     if distributed and not dist.is_initialized():
         if device.type == "cuda":
             torch.cuda.set_device(device)
-        dist.init_process_group("nccl" if device.type == "cuda" else "gloo")
+        timeout = datetime.timedelta(minutes=cfg.training.dist_timeout_minutes)
+        dist.init_process_group("nccl" if device.type == "cuda" else "gloo", timeout=timeout)
     dims = ParallelDims.from_config(cfg.parallel, world_size)
-    dims.create_groups()  # a world of one creates no groups
+    # a world of one creates no groups; sub-groups get the same collective timeout as the world
+    dims.create_groups(datetime.timedelta(minutes=cfg.training.dist_timeout_minutes))
     runtime = Runtime(device, precision, dims, distributed=distributed)
     set_seeds(cfg.training.seed, dims)
     return runtime

@@ -6,9 +6,9 @@ from collections.abc import Callable
 from pathlib import Path
 
 from megatron_lite.config import Config
-from megatron_lite.training import checkpoint, metrics
+from megatron_lite.training import checkpoint, metrics, save_dir
 from megatron_lite.training.convert import load_initial_weights
-from megatron_lite.training.data import BatchStream, build_datasets
+from megatron_lite.training.data import BatchStream, build_datasets, epoch_warnings
 from megatron_lite.training.distributed_optimizer import build_data_parallel
 from megatron_lite.training.logging import MetricWriters
 from megatron_lite.training.lr_schedule import build_scheduler
@@ -34,10 +34,30 @@ def setup_training(
         log: line sink (only the logging rank's lines are shown).
         exit_signal: an installed ``ExitSignal`` the trainer checks between iterations, or None.
 
+    The save directory is checked, cleaned and locked first (``save_dir.prepare``); the lock is
+    ``trainer.save_lock`` (release it when the run ends).
+
     Raises:
-        CheckpointError: ``training.load`` names a missing or unreadable checkpoint.
+        CheckpointError: ``training.load`` names a missing or unreadable checkpoint, or
+            ``training.save`` is unusable (not writable, full, locked by another run).
     """
     say = log if runtime.is_logging_rank else (lambda _line: None)
+    lock = None
+    if cfg.training.save:
+        say0 = log if runtime.rank == 0 else (lambda _line: None)
+        params = metrics.total_params(cfg.model)
+        lock = save_dir.prepare(cfg.training.save, params, say0, runtime.rank == 0, runtime.gather_objects)
+    try:
+        trainer = _build(cfg, runtime, log, say, exit_signal)
+    except BaseException:
+        if lock is not None:
+            lock.release()
+        raise
+    trainer.save_lock = lock
+    return trainer
+
+
+def _build(cfg: Config, runtime: Runtime, log, say, exit_signal) -> Trainer:
     model = build_local_model(cfg, runtime)
     grad_sync, optimizer = build_data_parallel(model, cfg, runtime.dims, runtime.precision)
     scheduler = build_scheduler(optimizer, cfg.optimizer, cfg.training.train_iters)
@@ -50,6 +70,7 @@ def setup_training(
             consumed_valid = int(state["extra"].get("consumed_valid_samples", 0))
             if "scaler" in state["extra"]:
                 scaler.load_state_dict(state["extra"]["scaler"])
+            _say_schedule_change(cfg, state["extra"], say)
     if state is None and cfg.training.initial_load:
         what = load_initial_weights(model, cfg.training.initial_load, cfg, runtime.dims)
         if hasattr(optimizer, "load_main_state"):  # the weights are loaded in the compute dtype
@@ -58,11 +79,31 @@ def setup_training(
     train, valid, _test, eod = build_datasets(cfg)
     dims, mbs = runtime.dims, cfg.training.micro_batch_size
     m = num_microbatches(cfg, dims.dp)
-    stream = BatchStream(train, consumed, mbs, m, dims.local.dp, dims.dp, cfg.data, eod, runtime.device)
+    vocab = cfg.model.vocab_size
+    stream = BatchStream(
+        train, consumed, mbs, m, dims.local.dp, dims.dp, cfg.data, eod, runtime.device, vocab_size=vocab
+    )
+    for line in epoch_warnings(train, "train") if train is not None else []:
+        say(line)
     valid_stream = None
     if cfg.training.eval_interval and valid is not None and len(valid) > 0:
+        if consumed_valid >= len(valid):  # resumed with another eval_interval/eval_iters
+            say(
+                f" > validation restarts at sample 0 ({consumed_valid} consumed, "
+                f"this run's split has {len(valid)})"
+            )
         valid_stream = BatchStream(
-            valid, consumed_valid, mbs, m, dims.local.dp, dims.dp, cfg.data, eod, runtime.device
+            valid,
+            consumed_valid,
+            mbs,
+            m,
+            dims.local.dp,
+            dims.dp,
+            cfg.data,
+            eod,
+            runtime.device,
+            vocab_size=vocab,
+            cycle=True,
         )
     writers = MetricWriters(cfg.logging, enabled=runtime.is_logging_rank, run_config=cfg.to_dict())
     local_params = sum(p.numel() for p in model.parameters())
@@ -89,6 +130,22 @@ def setup_training(
         log=log,
         grad_sync=grad_sync,
         exit_signal=exit_signal,
+    )
+
+
+def _say_schedule_change(cfg: Config, extra: dict, say) -> None:
+    """Tell the user when a resumed run's length differs from the checkpoint's (the LR schedule
+    follows this run's ``train_iters``/``lr_decay_iters``, so it stretches or shrinks)."""
+    old = extra.get("train_iters")
+    new = cfg.training.train_iters
+    if old is None or int(old) == new:
+        return
+    how = "stretches" if new > int(old) else "shrinks"
+    decay = cfg.optimizer.lr_decay_iters
+    over = f"optimizer.lr_decay_iters {decay}" if decay is not None else f"train_iters {new}"
+    say(
+        f" > training.train_iters changed from {old} (checkpoint) to {new}: the LR schedule {how} "
+        f"(warmup and decay now run over {over})"
     )
 
 

@@ -111,6 +111,7 @@ class _Interval:
     grad_norm: float = 0.0
     skipped: int = 0
     nan: int = 0
+    bad_norm: float = 0.0  # the last skipped iteration's (non-finite) gradient norm
     start: float = field(default_factory=time.perf_counter)
 
 
@@ -167,6 +168,10 @@ class Trainer:
         # pp > 1: the executor walks this rank's schedule over its model chunks.
         self.pipeline = PipelineStep(cfg, runtime, model) if runtime.dims.pp > 1 else None
         self.history: list[StepResult] = []
+        self.nonfinite_grad: str | None = None  # this rank's first parameter with a non-finite grad
+        self.consecutive_skips = 0
+        self.stopped_on_signal = False  # train() left early on a signal (pretrain exits for a requeue)
+        self.save_lock = None  # the save directory's lock (``save_dir``), released by the caller
 
     # ------------------------------------------------------------------ one iteration
 
@@ -190,6 +195,7 @@ class Trainer:
         lr = self.scheduler.lr
         skipped = not math.isfinite(grad_norm)
         if skipped:
+            self.nonfinite_grad = first_nonfinite_grad(self.model)  # before the grads are dropped
             self.optimizer.zero_grad(set_to_none=True)
         else:
             self.optimizer.step()
@@ -243,6 +249,11 @@ class Trainer:
             self.iteration += 1
             self.history.append(result)
             self._accumulate(interval, result)
+            try:
+                self.check_step(result)
+            except TrainingError:
+                self._log_interval(interval)  # the bad iteration's line, with its real loss
+                raise
             if self.iteration % self.cfg.logging.log_interval == 0 or self.iteration == tr.train_iters:
                 self._log_interval(interval)  # the last iteration is logged even off the interval
                 interval = _Interval()
@@ -259,6 +270,7 @@ class Trainer:
                 self._log(
                     f"exiting after iteration {self.iteration} on a signal (training.exit_signal_handler)"
                 )
+                self.stopped_on_signal = True
                 break
         if interval.iters:  # stopped early (exit interval, signal) between log lines
             self._log_interval(interval)
@@ -281,13 +293,39 @@ class Trainer:
             f"{time.perf_counter() - started:.1f} s wall time, {where}"
         )
 
+    def check_step(self, r: StepResult) -> None:
+        """Stop on a non-finite step (bf16/fp32) or too many consecutive skipped steps (fp16).
+
+        The loss and the gradient norm are already reduced over every rank, so every rank takes
+        the same decision at the same iteration and none is left waiting in a collective.
+
+        Raises:
+            TrainingError: one line naming the iteration (and this rank's first parameter with a
+                non-finite gradient when there is one).
+        """
+        finite = math.isfinite(r.loss) and math.isfinite(r.grad_norm)
+        self.consecutive_skips = self.consecutive_skips + 1 if r.skipped else 0
+        if finite and not r.skipped:
+            return
+        where = f"; first non-finite gradient: {self.nonfinite_grad}" if self.nonfinite_grad else ""
+        what = f"iteration {self.iteration}: lm loss {r.loss}, grad norm {r.grad_norm}{where}"
+        if not self.scaler.enabled:
+            raise TrainingError(f"non-finite values at {what} (nothing saved from this state)")
+        limit = self.cfg.training.max_consecutive_skips
+        if self.consecutive_skips >= limit:
+            raise TrainingError(
+                f"{self.consecutive_skips} consecutive skipped iterations (training.max_consecutive_skips "
+                f"{limit}), last at {what}, loss scale {self.scaler.scale}"
+            )
+
     def _accumulate(self, it: _Interval, r: StepResult) -> None:
         it.iters += 1
+        it.loss += r.loss  # a skipped iteration's real loss too (nan/inf shows in the line)
         if r.skipped:
             it.skipped += 1
             it.nan += int(not math.isfinite(r.loss))
+            it.bad_norm = r.grad_norm
             return
-        it.loss += r.loss
         it.grad_norm += r.grad_norm
         it.aux += r.aux_loss or 0.0
         it.z += r.z_loss or 0.0
@@ -311,8 +349,8 @@ class Trainer:
             ms_per_iter=seconds * 1e3,
             lr=self.history[-1].lr,
             global_batch_size=gbs,
-            lm_loss=it.loss / good,
-            grad_norm=it.grad_norm / good,
+            lm_loss=it.loss / max(it.iters, 1),
+            grad_norm=it.grad_norm / good if it.iters > it.skipped else it.bad_norm,
             tokens_per_s=tok_s,
             tflops=tflops,
             mfu=mfu,
@@ -356,11 +394,29 @@ class Trainer:
             config_yaml(self.cfg),
             self.runtime.dims,
             barrier=self.runtime.barrier,
-            extra={"consumed_valid_samples": valid, "scaler": self.scaler.state_dict()},
+            extra={
+                "consumed_valid_samples": valid,
+                "scaler": self.scaler.state_dict(),
+                "train_iters": self.cfg.training.train_iters,
+            },
             keep_last=self.cfg.training.keep_last_checkpoints,
+            gather=self.runtime.gather_objects,
         )
         self._log(f"saved checkpoint at iteration {self.iteration:7d} to {path}")
         return self.iteration
+
+
+class TrainingError(RuntimeError):
+    """The run cannot go on (non-finite loss or gradients); the message names the iteration."""
+
+
+def first_nonfinite_grad(model: nn.Module) -> str | None:
+    """Name of the first parameter whose gradient (or fp32 ``main_grad``) holds inf or NaN."""
+    for name, p in model.named_parameters():
+        for grad in (getattr(p, "main_grad", None), p.grad):
+            if grad is not None and not bool(torch.isfinite(grad).all()):
+                return name
+    return None
 
 
 def config_yaml(cfg: Config) -> str:
