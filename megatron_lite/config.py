@@ -26,10 +26,10 @@ class ConfigError(ValueError):
 
 @dataclass
 class ModelConfig:
-    """Architecture of a Mistral (dense) or Mixtral (sparse MoE) decoder.
+    """Architecture of a decoder of one registered family (``megatron_lite/models/registry.py``).
 
     Attributes:
-        arch: mistral (dense) or mixtral (mixture of experts).
+        arch: the model family: mistral (dense), mixtral (mixture of experts) or llama (dense).
         vocab_size: vocabulary size (the tokenizer's may be smaller).
         hidden_size: width of the residual stream.
         intermediate_size: feed-forward width (of each expert for mixtral).
@@ -39,6 +39,11 @@ class ModelConfig:
         head_dim: width of one head; None means hidden_size / num_attention_heads.
         max_position_embeddings: longest sequence the positions (RoPE) are meant for.
         rope_theta: RoPE base.
+        rope_scaling: RoPE frequency scaling: None, or llama3 (llama only).
+        rope_scaling_factor: llama3 scaling: how much the long wavelengths are slowed down.
+        rope_low_freq_factor: llama3 scaling: wavelengths above original / this are scaled in full.
+        rope_high_freq_factor: llama3 scaling: wavelengths below original / this are kept.
+        rope_original_max_position_embeddings: llama3 scaling: the pretraining context length.
         rms_norm_eps: RMSNorm epsilon.
         sliding_window: attention window in tokens; None attends to the whole sequence.
         tie_embeddings: the output layer shares the embedding's weights.
@@ -59,6 +64,11 @@ class ModelConfig:
     head_dim: int | None = None  # None: hidden_size // num_attention_heads
     max_position_embeddings: int = 32768
     rope_theta: float = 10000.0
+    rope_scaling: str | None = None
+    rope_scaling_factor: float = 8.0
+    rope_low_freq_factor: float = 1.0
+    rope_high_freq_factor: float = 4.0
+    rope_original_max_position_embeddings: int = 8192
     rms_norm_eps: float = 1e-5
     sliding_window: int | None = None
     tie_embeddings: bool = False
@@ -71,7 +81,7 @@ class ModelConfig:
 
     def validate(self) -> None:
         """Check the architecture is self-consistent; resolve ``head_dim``."""
-        _one_of("model.arch", self.arch, ("mistral", "mixtral"))
+        spec = self.family()  # raises ConfigError naming the registered families
         for name in (
             "vocab_size",
             "hidden_size",
@@ -97,17 +107,30 @@ class ModelConfig:
         _positive("model.head_dim", self.head_dim)
         if self.sliding_window is not None:
             _positive("model.sliding_window", self.sliding_window)
-        if self.arch == "mixtral":
-            _positive("model.num_experts", self.num_experts)
-            if not 1 <= self.top_k <= self.num_experts:
+        if self.rope_scaling is not None:
+            _one_of(f"model.rope_scaling (for model.arch {self.arch})", self.rope_scaling, spec.rope_scaling)
+            for name in ("rope_scaling_factor", "rope_low_freq_factor", "rope_high_freq_factor",
+                         "rope_original_max_position_embeddings"):  # fmt: skip
+                _positive(f"model.{name}", getattr(self, name))
+            if self.rope_high_freq_factor <= self.rope_low_freq_factor:
                 raise ConfigError(
-                    f"model.top_k ({self.top_k}) must be in [1, model.num_experts ({self.num_experts})]"
+                    f"model.rope_high_freq_factor ({self.rope_high_freq_factor}) must exceed "
+                    f"model.rope_low_freq_factor ({self.rope_low_freq_factor})"
                 )
+        if spec.validate is not None:
+            spec.validate(self)
+
+    def family(self):
+        """This model's ``ModelSpec`` (``megatron_lite.models.registry``): builder, sharding table,
+        HF adapter, init rule and FLOPs formula. Raises ``ConfigError`` for an unknown ``arch``."""
+        from megatron_lite.models.registry import get_spec
+
+        return get_spec(self.arch)
 
     @property
     def is_moe(self) -> bool:
         """Whether the feed-forward layers are mixtures of experts."""
-        return self.arch == "mixtral"
+        return self.family().is_moe
 
 
 @dataclass

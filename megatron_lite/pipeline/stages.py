@@ -148,9 +148,8 @@ class ModelChunk(nn.Module):
 
     def moe_layers(self) -> list[nn.Module]:
         """The MoE feed-forward modules of this chunk."""
-        from megatron_lite.models.common.moe import MoE
-
-        return [m for m in self.layers.modules() if isinstance(m, MoE)]
+        # pipeline/ does not import models/: MoE layers identify themselves.
+        return [m for m in self.layers.modules() if getattr(m, "is_moe_layer", False)]
 
 
 def model_chunks(model: nn.Module, cfg: Config, pp_rank: int) -> list[ModelChunk]:

@@ -174,7 +174,7 @@ def init_weights(model: nn.Module, cfg: ModelConfig, seed: int = 0) -> None:
     """Initialise every parameter of ``model`` in place by its canonical name (deterministic in ``seed``)."""
     gen = torch.Generator(device="cpu").manual_seed(seed)
     for name, param in model.named_parameters():
-        std = init_std_for(name, cfg)
+        std = cfg.family().init_std(name, cfg)
         if std is None:
             param.fill_(1.0)
         else:
