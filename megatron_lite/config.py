@@ -143,6 +143,8 @@ class ParallelConfig:
         virtual_pipeline: model chunks per pipeline stage (interleaved schedules).
         expert: expert-parallel size (splits the experts of MoE layers).
         expert_tensor: tensor-parallel size inside experts; None means parallel.tensor.
+        context: context-parallel size (cp): every sequence split over cp ranks, two load-balanced
+            chunks each; attention all-gathers K/V over them.
         sequence_parallel: keep norm and residual activations split along the sequence over tensor ranks.
         schedule: pipeline schedule: gpipe, 1f1b, interleaved or breadth-first.
         moe_dispatcher: how tokens reach their experts: alltoall or allgather.
@@ -158,6 +160,7 @@ class ParallelConfig:
     virtual_pipeline: int = 1
     expert: int = 1
     expert_tensor: int | None = None  # None: same as tensor
+    context: int = 1
     sequence_parallel: bool = False
     schedule: str = "1f1b"
     moe_dispatcher: str = "alltoall"
@@ -178,7 +181,7 @@ class ParallelConfig:
 
     def validate(self) -> None:
         """Check each degree on its own; layout-vs-world checks live in ``validate_layout``."""
-        for name in ("tensor", "pipeline", "virtual_pipeline", "expert"):
+        for name in ("tensor", "pipeline", "virtual_pipeline", "expert", "context"):
             _positive(f"parallel.{name}", getattr(self, name))
         for name in ("distributed_optimizer", "overlap_grad_reduce", "overlap_param_gather"):
             if not isinstance(getattr(self, name), bool):

@@ -56,6 +56,7 @@ FLAGS: tuple[Flag, ...] = (
         "parallel.virtual_pipeline",
         "layers per model chunk (virtual_pipeline = layers / (pipeline * this))",
     ),
+    _f("--context-parallel-size", "parallel.context", "context-parallel size (sequence split over ranks)"),
     _f("--expert-model-parallel-size", "parallel.expert", "expert-parallel size"),
     _f("--expert-tensor-parallel-size", "parallel.expert_tensor", "tensor-parallel size inside experts"),
     _f("--decoder-first-pipeline-num-layers", "parallel.num_layers_in_first_stage", "layers on stage 0"),

@@ -16,6 +16,7 @@ import re
 import torch
 from torch import nn
 
+from megatron_lite.parallel.context import context_parallel_of
 from megatron_lite.parallel.dims import validate_layout
 from megatron_lite.parallel.init import init_full_tensor, init_local_tensor
 from megatron_lite.parallel.sharding import shard_tensor, sharding_table
@@ -54,9 +55,10 @@ def parallelize(
     """
     cfg = model.cfg
     expected = validate_layout(cfg, parallel_cfg, dims.world_size)
-    got, want = (dims.tp, dims.pp, dims.ep, dims.etp), (expected.tp, expected.pp, expected.ep, expected.etp)
+    got = (dims.tp, dims.pp, dims.ep, dims.etp, dims.cp)
+    want = (expected.tp, expected.pp, expected.ep, expected.etp, expected.cp)
     if got != want:
-        raise ValueError(f"dims (tp, pp, ep, etp) = {got} do not match parallel_cfg {want}")
+        raise ValueError(f"dims (tp, pp, ep, etp, cp) = {got} do not match parallel_cfg {want}")
     if getattr(model, "parallel_state", None) is not None:
         raise RuntimeError("model is already parallelized")
     plan = default_plan(cfg) if plan is None else plan
@@ -70,6 +72,8 @@ def parallelize(
                 parent_name, _, child = name.rpartition(".")
                 setattr(model.get_submodule(parent_name), child, new)
     model.parallel_state = state
+    if dims.cp > 1:  # the attention core gathers K/V over the cp group
+        model.context_parallel = context_parallel_of(dims)
     return model
 
 

@@ -87,8 +87,11 @@ def check_pipeline_config(cfg: Config, num_microbatches: int) -> None:
 
 
 def activation_shape(cfg: Config, tp: int) -> tuple[int, int, int]:
-    """Shape of the hidden states sent between stages: ``[b, s, h]``, ``[b, s/tp, h]`` under SP."""
-    seq = cfg.data.seq_length
+    """Shape of the hidden states sent between stages: ``[b, s, h]``, ``[b, s/tp, h]`` under SP.
+
+    ``s`` is this rank's part of the sequence under context parallelism (``seq_length / cp``).
+    """
+    seq = cfg.data.seq_length // cfg.parallel.context
     if cfg.parallel.sequence_parallel and tp > 1:
         seq //= tp
     return cfg.training.micro_batch_size, seq, cfg.model.hidden_size

@@ -201,7 +201,9 @@ class Trainer:
             self.optimizer.step()
             self.scheduler.step()  # as Megatron: a skipped step does not advance the schedule
         self.scaler.update(skipped)
-        stats = rt.all_reduce_dp(loss_sum) / torch.tensor([1.0, rt.dims.dp, rt.dims.dp], device=rt.device)
+        # aux/z are the same on every cp rank (routing statistics are summed over the stage)
+        replicas = float(rt.dims.dp * rt.dims.cp)
+        stats = rt.all_reduce_dp(loss_sum) / torch.tensor([1.0, replicas, replicas], device=rt.device)
         aux, z = (float(stats[1]), float(stats[2])) if self.is_moe else (None, None)
         return StepResult(
             float(stats[0]) / max(num_tokens, 1.0), grad_norm, lr, skipped, int(num_tokens), aux, z

@@ -87,6 +87,9 @@ class Transformer(nn.Module):
         self.output = nn.Linear(cfg.hidden_size, cfg.vocab_size, bias=False, **kw) if untied_head else None
         self.rope = RotaryEmbedding(cfg.head_dim, cfg.rope_theta)
         self.attention_backend = "auto"
+        # A ``parallel.context.ContextParallel`` set by ``parallelize`` when parallel.context > 1:
+        # the inputs are then this rank's two chunks of every sequence.
+        self.context_parallel = None
 
     def forward(
         self,
@@ -134,7 +137,9 @@ class Transformer(nn.Module):
         if position_ids is None:
             position_ids = torch.arange(s, device=h.device).unsqueeze(0).expand(b, s)
         rope = self.rope(position_ids)  # cos, sin: [b, s, hd]
-        meta = AttentionMeta(cu_seqlens, max_seqlen, self.cfg.sliding_window, self.attention_backend)
+        meta = AttentionMeta(
+            cu_seqlens, max_seqlen, self.cfg.sliding_window, self.attention_backend, cp=self.context_parallel
+        )
         if cache is None:  # generation attends through the cache, without these masks
             meta.prepare(b, s, h.device, h.dtype)
         blocks = self.layers.values() if layers is None else (self.layers[k] for k in layers)
