@@ -250,7 +250,8 @@ class ParallelDims:
 
     def destroy_groups(self) -> None:
         """Destroy the groups this object created (tests create many layouts in one process)."""
-        for pg in (self._groups or {}).values():
+        unique = {id(pg): pg for pg in (self._groups or {}).values() if pg is not None}  # dp_cp may alias dp
+        for pg in unique.values():
             dist.destroy_process_group(pg)
         self._groups = None
 
