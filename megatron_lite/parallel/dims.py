@@ -117,17 +117,18 @@ class ParallelDims:
         ):
             if not isinstance(value, int) or isinstance(value, bool) or value < 1:
                 raise ConfigError(f"{name} ({value!r}) must be a positive integer")
+        with_cp = f" x context_parallel ({cp})" if cp > 1 else ""
         if world_size % (tp * cp * pp):
             raise ConfigError(
-                f"world_size ({world_size}) is not divisible by tensor_parallel ({tp}) x "
-                f"context_parallel ({cp}) x pipeline_parallel ({pp}) = {tp * cp * pp}"
+                f"world_size ({world_size}) is not divisible by tensor_parallel ({tp}){with_cp} x "
+                f"pipeline_parallel ({pp}) = {tp * cp * pp}"
             )
         dp = world_size // (tp * cp * pp)
         stage = tp * cp * dp
         if stage % (etp * ep):
             raise ConfigError(
                 f"expert_tensor_parallel ({etp}) x expert_parallel ({ep}) = {etp * ep} does not divide "
-                f"tensor_parallel ({tp}) x context_parallel ({cp}) x data_parallel ({dp}) = {stage} "
+                f"tensor_parallel ({tp}){with_cp} x data_parallel ({dp}) = {stage} "
                 "(the ranks of one pipeline stage)"
             )
         return cls(world_size, tp, pp, dp, ep, etp, stage // (etp * ep), cp)
