@@ -73,7 +73,7 @@ class AttentionMeta:
         """
         key = (b, s, dtype)
         if key not in self.resolved and self.cp is not None:
-            self.resolved[key] = self._prepare_cp(b, s, device)
+            self.resolved[key] = self._prepare_cp(b, s, device, dtype)
         if key not in self.resolved:
             window = self.window if self.window is not None and self.window < s else None
             backend = select_backend(self.backend, device, self.cu_seqlens is not None, window, dtype)
@@ -83,7 +83,7 @@ class AttentionMeta:
             self.resolved[key] = (backend, window, mask)
         return self.resolved[key]
 
-    def _prepare_cp(self, b: int, s: int, device) -> tuple[str, int | None, torch.Tensor]:
+    def _prepare_cp(self, b: int, s: int, device, dtype) -> tuple[str, int | None, torch.Tensor]:
         from megatron_lite.models.common.attention_cp import CP_BACKENDS, cp_mask
 
         if self.backend not in CP_BACKENDS:
@@ -91,7 +91,8 @@ class AttentionMeta:
                 f"attention backend {self.backend!r} cannot serve context parallelism "
                 f"(cp {self.cp.size}); use one of {', '.join(CP_BACKENDS)}"
             )
-        return "cp", self.window, cp_mask(self.cp, self.cu_seqlens, b, s, self.window, torch.device(device))
+        mask = cp_mask(self.cp, self.cu_seqlens, b, s, self.window, torch.device(device), dtype)
+        return "cp", self.window, mask
 
     def _shared_mask(self, backend: str, b: int, s: int, window: int | None, device: torch.device):
         """The microbatch's mask: built once, reused by other chunks' forwards on the same batch."""

@@ -21,10 +21,11 @@ backend. Its cost: each rank holds one layer's full K/V (``2 * b * s * nkv * hd`
 under GQA) for the duration of the layer's backward, and the gather is not overlapped.
 
 Backends: the mask is an arbitrary ``[s/cp, s]`` pattern, so it runs on SDPA with an explicit
-boolean mask (``sdpa_masked``, which ``auto`` picks under cp). flash-attn's causal varlen kernel
-aligns its causal diagonal to the end of the key range and FlexAttention's block mask assumes
-equal query and key layouts; neither serves a cp rank's two separated chunks, so they are refused
-at start (``training.runtime``).
+additive mask (``sdpa_masked``, which ``auto`` picks under cp), built once per forward and shared
+by the layers: ``s^2 / cp`` elements per rank, the same 1/cp share as the other activations.
+flash-attn (one causal varlen call per local chunk) and FlexAttention (a block mask over global
+positions) could serve it without a dense mask, but neither is built yet, so they are refused at
+start (``training.runtime``) with one line.
 """
 
 from __future__ import annotations
@@ -40,9 +41,20 @@ CP_BACKENDS = ("auto", "sdpa_masked")  # the requested backends that can serve c
 
 
 def cp_mask(
-    cp: ContextParallel, cu_seqlens: torch.Tensor | None, b: int, local_len: int, window: int | None, device
+    cp: ContextParallel,
+    cu_seqlens: torch.Tensor | None,
+    b: int,
+    local_len: int,
+    window: int | None,
+    device,
+    dtype: torch.dtype | None = None,
 ) -> torch.Tensor:
-    """Boolean ``[b, 1, s/cp, s]``: which keys (global order) each local query may see."""
+    """Additive ``[b, 1, s/cp, s]`` mask in ``dtype`` (0 where a local query sees a key, -inf not).
+
+    Additive, not boolean: SDPA converts a boolean mask to a float copy on every call and keeps it
+    for backward, one ``[s/cp, s]`` copy per layer; a float mask built once per forward is the
+    single copy every layer shares.
+    """
     s = local_len * cp.size
     q_pos = global_positions(cp.rank, cp.size, local_len, device)  # [sl] global index of each query
     k_pos = torch.arange(s, device=device)  # [s]
@@ -51,7 +63,9 @@ def cp_mask(
         allowed = allowed & (q_pos[:, None] - k_pos[None, :] < window)
     doc = document_ids(cu_seqlens, b, s, device)  # [b, s] over the full rows
     same_doc = doc[:, q_pos, None] == doc[:, None, :]  # [b, sl, s]
-    return (allowed.unsqueeze(0) & same_doc).unsqueeze(1)  # [b, 1, sl, s]
+    keep = (allowed.unsqueeze(0) & same_doc).unsqueeze(1)  # [b, 1, sl, s]
+    mask = torch.zeros(keep.shape, dtype=dtype or torch.float32, device=device)
+    return mask.masked_fill_(~keep, float("-inf"))
 
 
 def cp_attention(
