@@ -150,3 +150,20 @@ def _default_arch_line() -> int:
         if line.strip().startswith("arch: str ="):
             return n
     raise AssertionError("ModelConfig.arch not found")
+
+
+def test_seams_for_what_comes_next():
+    """Attention's kernel call is its own submodule; the styles' layer classes come from one place;
+    ParallelDims has a (refused) cp degree."""
+    from megatron_lite.models.common.attention import AttentionCore
+    from megatron_lite.parallel.layers import ColumnParallelLinear
+    from megatron_lite.parallel.styles import LinearLayers, ParallelState
+
+    model = build_model(tiny("mistral"), "meta")
+    assert all(isinstance(layer.attention.core, AttentionCore) for layer in model.layers.values())
+    assert not list(model.layers["0"].attention.core.parameters())
+    assert LinearLayers().column is ColumnParallelLinear
+    assert ParallelState(None, None, None).linears == LinearLayers()
+    assert ParallelDims.build(4, tp=2, cp=1).dp == 2
+    with pytest.raises(ConfigError, match=r"context_parallel \(2\) is not supported yet"):
+        ParallelDims.build(4, tp=2, cp=2)

@@ -1,10 +1,12 @@
 """The rank grid: which ranks form each tensor/pipeline/data/expert parallel group.
 
-Dense layers use the grid ``tp x cp x dp x pp`` (cp is reserved and always 1). Rank order follows
-Megatron: tp varies fastest, then dp, then pp, so a TP group is a block of consecutive ranks and
-sits inside one node::
+Dense layers use the grid ``tp x cp x dp x pp``. Rank order follows Megatron: tp varies fastest,
+then cp, then dp, then pp, so a TP group is a block of consecutive ranks and sits inside one node::
 
-    rank = tp_rank + tp * (dp_rank + dp * pp_rank)
+    rank = tp_rank + tp * (cp_rank + cp * (dp_rank + dp * pp_rank))
+
+Context parallelism has its place in that order but is not built yet: ``cp`` is refused when > 1,
+so today ``cp_rank`` is always 0 and the formula is Megatron's ``tp_rank + tp * (dp_rank + ...)``.
 
 MoE layers fold a second grid over the same ranks (Megatron "MoE parallel folding"): within one
 pipeline stage the ``tp * dp`` ranks are re-read as ``etp x ep x edp``, again fastest first::
