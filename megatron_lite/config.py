@@ -192,7 +192,9 @@ class ParallelConfig:
             )
         if self.expert_tensor is not None:
             _positive("parallel.expert_tensor", self.expert_tensor)
-        _one_of("parallel.schedule", self.schedule, ("gpipe", "1f1b", "interleaved", "breadth-first"))
+        from megatron_lite.pipeline.schedules import SCHEDULES  # the names come from the registry
+
+        _one_of("parallel.schedule", self.schedule, tuple(SCHEDULES))
         _one_of("parallel.moe_dispatcher", self.moe_dispatcher, ("alltoall", "allgather"))
         if self.virtual_pipeline > 1 and self.pipeline == 1:
             raise ConfigError(
@@ -347,7 +349,9 @@ class TrainingConfig:
             _positive("training.global_batch_size", self.global_batch_size)
         _one_of("training.precision", self.precision, ("auto", "fp32", "bf16", "fp16"))
         _one_of("training.device", self.device, ("auto", "cpu", "cuda"))
-        _one_of("training.attention_backend", self.attention_backend, ("auto", "flash", "flex", "sdpa"))
+        from megatron_lite.models.common.attention_backends import SELECTABLE_BACKENDS
+
+        _one_of("training.attention_backend", self.attention_backend, SELECTABLE_BACKENDS)
         _one_of("training.recompute", self.recompute, ("none", "full", "selective"))
         _positive("training.dist_timeout_minutes", self.dist_timeout_minutes)
         _positive("training.max_consecutive_skips", self.max_consecutive_skips)
