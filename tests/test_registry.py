@@ -15,6 +15,7 @@ from pathlib import Path
 
 import pytest
 import torch
+from conftest import tiny_model_config
 
 from megatron_lite.config import ConfigError, ModelConfig
 from megatron_lite.models import build_model
@@ -36,10 +37,7 @@ PACKAGE = Path(__file__).resolve().parents[1] / "megatron_lite"
 
 
 def tiny(arch: str, **kw) -> ModelConfig:
-    cfg = ModelConfig(arch=arch, vocab_size=100, hidden_size=16, intermediate_size=32, num_layers=2,
-                      num_attention_heads=4, num_kv_heads=2, num_experts=4, head_dim=4, **kw)  # fmt: skip
-    cfg.validate()
-    return cfg
+    return tiny_model_config(arch, vocab_size=100, hidden_size=16, intermediate_size=32, head_dim=4, **kw)
 
 
 # (tp, ep, etp, pp): dense families take ep = 1.
