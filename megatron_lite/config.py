@@ -20,6 +20,10 @@ import yaml
 TOKENIZER_TYPES = ("SentencePieceTokenizer", "HuggingFaceTokenizer", "MistralTokenizer", "Llama2Tokenizer")
 
 
+# Per-layer attention kinds of ``model.layer_types`` (Hugging Face's names).
+LAYER_TYPES = ("sliding_attention", "full_attention")
+
+
 class ConfigError(ValueError):
     """A configuration value is unknown, malformed or inconsistent."""
 
@@ -46,6 +50,8 @@ class ModelConfig:
         rope_original_max_position_embeddings: llama3 scaling: the pretraining context length.
         rms_norm_eps: RMSNorm epsilon.
         sliding_window: attention window in tokens; None attends to the whole sequence.
+        layer_types: per layer, sliding_attention (uses sliding_window) or full_attention, e.g.
+            Gemma 2's alternating local/global layers; None: every layer uses sliding_window.
         tie_embeddings: the output layer shares the embedding's weights.
         init_std: standard deviation of the random initial weights.
         num_experts: experts per MoE layer (mixtral only).
@@ -71,6 +77,7 @@ class ModelConfig:
     rope_original_max_position_embeddings: int = 8192
     rms_norm_eps: float = 1e-5
     sliding_window: int | None = None
+    layer_types: list[str] | None = None
     tie_embeddings: bool = False
     init_std: float = 0.02
     # Mixtral only.
@@ -107,6 +114,18 @@ class ModelConfig:
         _positive("model.head_dim", self.head_dim)
         if self.sliding_window is not None:
             _positive("model.sliding_window", self.sliding_window)
+        if self.layer_types is not None:
+            if len(self.layer_types) != self.num_layers:
+                raise ConfigError(
+                    f"model.layer_types has {len(self.layer_types)} entries; model.num_layers is "
+                    f"{self.num_layers}"
+                )
+            for kind in self.layer_types:
+                _one_of("model.layer_types entry", kind, LAYER_TYPES)
+            if "sliding_attention" in self.layer_types and self.sliding_window is None:
+                raise ConfigError(
+                    "model.layer_types has sliding_attention layers but model.sliding_window is null"
+                )
         if self.rope_scaling is not None:
             _one_of(f"model.rope_scaling (for model.arch {self.arch})", self.rope_scaling, spec.rope_scaling)
             for name in ("rope_scaling_factor", "rope_low_freq_factor", "rope_high_freq_factor",
@@ -119,6 +138,12 @@ class ModelConfig:
                 )
         if spec.validate is not None:
             spec.validate(self)
+
+    def layer_window(self, layer: int) -> int | None:
+        """Attention window of global layer ``layer`` (None: the whole sequence)."""
+        if self.layer_types is not None and self.layer_types[layer] == "full_attention":
+            return None
+        return self.sliding_window
 
     def family(self):
         """This model's ``ModelSpec`` (``megatron_lite.models.registry``): builder, sharding table,
