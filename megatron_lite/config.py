@@ -127,6 +127,10 @@ class ModelConfig:
                     "model.layer_types has sliding_attention layers but model.sliding_window is null"
                 )
         if self.rope_scaling is not None:
+            if not spec.rope_scaling:
+                raise ConfigError(
+                    f"model.rope_scaling ({self.rope_scaling!r}) is not supported by model.arch {self.arch}"
+                )
             _one_of(f"model.rope_scaling (for model.arch {self.arch})", self.rope_scaling, spec.rope_scaling)
             for name in ("rope_scaling_factor", "rope_low_freq_factor", "rope_high_freq_factor",
                          "rope_original_max_position_embeddings"):  # fmt: skip
