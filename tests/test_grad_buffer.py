@@ -120,6 +120,16 @@ def test_one_process_zero1_equals_plain_and_resumes(tmp_path):
     assert [(r.loss, r.grad_norm) for r in first + rest] == expected
 
 
+def _redigest(path) -> None:
+    """Record a rewritten checkpoint file's sha256 in its ``metadata.json``."""
+    import json
+
+    meta_path = path.parents[1] / checkpoint.METADATA_FILE
+    meta = json.loads(meta_path.read_text())
+    meta["sha256"][f"{path.parent.name}/{path.name}"] = checkpoint.file_digest(path)
+    meta_path.write_text(json.dumps(meta))
+
+
 def test_resume_refuses_another_optimizer_reshards_another_layout_and_shards_plain(tmp_path):
     expected = [(r.loss, r.grad_norm) for r in _trainer(*ZERO1).train()]
     ckpt = str(tmp_path / "ckpt")
@@ -134,6 +144,7 @@ def test_resume_refuses_another_optimizer_reshards_another_layout_and_shards_pla
     shard = torch.load(path, weights_only=True)
     shard["pieces"], shard["piece_states"] = shard["pieces"][1:], shard["piece_states"][1:]
     torch.save(shard, path)
+    _redigest(path)  # as its writer would have recorded it: the content is what is wrong here
     with pytest.raises(checkpoint.CheckpointError, match=r"cannot reshard .* no shard file holds .*\[0:"):
         _trainer(*ZERO1, "--training.load", ckpt, "--parallel.grad_bucket_mb", "0.01")
     # A plain-optimizer checkpoint resumes with the distributed optimizer switched on.
