@@ -67,7 +67,8 @@ def choose_cuda_arch_list(
     """
     if env_value:
         known = {a for a in parse_arch_list(env_value) if re.fullmatch(r"\d+\.\d+[a-z]?", a)}
-        bad = sorted(known - supported) if supported is not None else []
+        # nvcc lists base archs only; 9.0a / 10.0f variants build wherever their base does
+        bad = sorted(a for a in known if re.sub(r"[a-z]$", "", a) not in supported) if supported else []
         if bad:
             raise BuildConfigError(
                 f"TORCH_CUDA_ARCH_LIST={env_value!r}: the local nvcc cannot target {', '.join(bad)} "

@@ -20,6 +20,10 @@ import yaml
 TOKENIZER_TYPES = ("SentencePieceTokenizer", "HuggingFaceTokenizer", "MistralTokenizer", "Llama2Tokenizer")
 
 
+# Per-layer attention kinds of ``model.layer_types`` (Hugging Face's names).
+LAYER_TYPES = ("sliding_attention", "full_attention")
+
+
 class ConfigError(ValueError):
     """A configuration value is unknown, malformed or inconsistent."""
 
@@ -46,6 +50,8 @@ class ModelConfig:
         rope_original_max_position_embeddings: llama3 scaling: the pretraining context length.
         rms_norm_eps: RMSNorm epsilon.
         sliding_window: attention window in tokens; None attends to the whole sequence.
+        layer_types: per layer, sliding_attention (uses sliding_window) or full_attention, e.g.
+            Gemma 2's alternating local/global layers; None: every layer uses sliding_window.
         tie_embeddings: the output layer shares the embedding's weights.
         init_std: standard deviation of the random initial weights.
         num_experts: experts per MoE layer (mixtral only).
@@ -71,6 +77,7 @@ class ModelConfig:
     rope_original_max_position_embeddings: int = 8192
     rms_norm_eps: float = 1e-5
     sliding_window: int | None = None
+    layer_types: list[str] | None = None
     tie_embeddings: bool = False
     init_std: float = 0.02
     # Mixtral only.
@@ -107,7 +114,23 @@ class ModelConfig:
         _positive("model.head_dim", self.head_dim)
         if self.sliding_window is not None:
             _positive("model.sliding_window", self.sliding_window)
+        if self.layer_types is not None:
+            if len(self.layer_types) != self.num_layers:
+                raise ConfigError(
+                    f"model.layer_types has {len(self.layer_types)} entries; model.num_layers is "
+                    f"{self.num_layers}"
+                )
+            for kind in self.layer_types:
+                _one_of("model.layer_types entry", kind, LAYER_TYPES)
+            if "sliding_attention" in self.layer_types and self.sliding_window is None:
+                raise ConfigError(
+                    "model.layer_types has sliding_attention layers but model.sliding_window is null"
+                )
         if self.rope_scaling is not None:
+            if not spec.rope_scaling:
+                raise ConfigError(
+                    f"model.rope_scaling ({self.rope_scaling!r}) is not supported by model.arch {self.arch}"
+                )
             _one_of(f"model.rope_scaling (for model.arch {self.arch})", self.rope_scaling, spec.rope_scaling)
             for name in ("rope_scaling_factor", "rope_low_freq_factor", "rope_high_freq_factor",
                          "rope_original_max_position_embeddings"):  # fmt: skip
@@ -119,6 +142,12 @@ class ModelConfig:
                 )
         if spec.validate is not None:
             spec.validate(self)
+
+    def layer_window(self, layer: int) -> int | None:
+        """Attention window of global layer ``layer`` (None: the whole sequence)."""
+        if self.layer_types is not None and self.layer_types[layer] == "full_attention":
+            return None
+        return self.sliding_window
 
     def family(self):
         """This model's ``ModelSpec`` (``megatron_lite.models.registry``): builder, sharding table,
@@ -195,7 +224,9 @@ class ParallelConfig:
             )
         if self.expert_tensor is not None:
             _positive("parallel.expert_tensor", self.expert_tensor)
-        _one_of("parallel.schedule", self.schedule, ("gpipe", "1f1b", "interleaved", "breadth-first"))
+        from megatron_lite.pipeline.schedules import SCHEDULES  # the names come from the registry
+
+        _one_of("parallel.schedule", self.schedule, tuple(SCHEDULES))
         _one_of("parallel.moe_dispatcher", self.moe_dispatcher, ("alltoall", "allgather"))
         if self.virtual_pipeline > 1 and self.pipeline == 1:
             raise ConfigError(
@@ -350,7 +381,9 @@ class TrainingConfig:
             _positive("training.global_batch_size", self.global_batch_size)
         _one_of("training.precision", self.precision, ("auto", "fp32", "bf16", "fp16"))
         _one_of("training.device", self.device, ("auto", "cpu", "cuda"))
-        _one_of("training.attention_backend", self.attention_backend, ("auto", "flash", "flex", "sdpa"))
+        from megatron_lite.models.common.attention_backends import SELECTABLE_BACKENDS
+
+        _one_of("training.attention_backend", self.attention_backend, SELECTABLE_BACKENDS)
         _one_of("training.recompute", self.recompute, ("none", "full", "selective"))
         _positive("training.dist_timeout_minutes", self.dist_timeout_minutes)
         _positive("training.max_consecutive_skips", self.max_consecutive_skips)

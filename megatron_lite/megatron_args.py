@@ -217,8 +217,10 @@ def translate(argv: list[str]) -> list[str]:
             notes.append(flag)
             continue
         out += _override(flag, spec, values, megatron)
-    if "--num-experts" in megatron:
-        out += ["--model.arch", "mixtral"]
+    if "--num-experts" in megatron:  # Megatron's MoE GPT: the registered mixture-of-experts family
+        from megatron_lite.models.registry import all_specs
+
+        out += ["--model.arch", next(spec.name for spec in all_specs() if spec.is_moe)]
     if "--num-attention-heads" in megatron and "--group-query-attention" not in megatron:
         out += ["--model.num_kv_heads", megatron["--num-attention-heads"][0]]  # Megatron: MHA
     elif "--group-query-attention" in megatron and "--num-query-groups" not in megatron:

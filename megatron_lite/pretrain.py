@@ -33,10 +33,10 @@ import torch.distributed as dist
 from megatron_lite.config import ConfigError, main_argv_to_config
 from megatron_lite.data.indexed_dataset import DatasetError
 from megatron_lite.training.checkpoint import CheckpointError
+from megatron_lite.training.health import TrainingError
 from megatron_lite.training.runtime import check_run_config, env_world_size, init_runtime, shutdown
 from megatron_lite.training.setup import setup_training
 from megatron_lite.training.signals import ExitSignal
-from megatron_lite.training.trainer import TrainingError
 
 EXIT_OK, EXIT_ERROR, EXIT_CONFIG, EXIT_REQUEUE = 0, 1, 2, 3
 REQUEUE_MARKER = "requeue"  # in logging.run_dir: the run stopped on a signal after saving

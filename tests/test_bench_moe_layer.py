@@ -20,3 +20,5 @@ def test_bench_moe_layer_cpu_smoke(tmp_path):
     assert bench.main([*argv, "--warmup", "1", "--iters", "1", "--json", str(tmp_path / "r.json")]) == 0
     result = json.loads((tmp_path / "r.json").read_text())
     assert result["max_rel_err"] < 1e-4 and result["ours_ms"] > 0
+    assert result["transformers_experts"] == "grouped_mm"  # transformers' fastest, not its eager loop
+    assert result["speedup_spread"]["min"] <= result["speedup"] <= result["speedup_spread"]["max"]

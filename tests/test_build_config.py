@@ -27,6 +27,7 @@ def test_login_node_without_gpu_builds_for_a100_and_h100_and_says_so():
 
 def test_arch_list_env_overrides_and_visible_gpus_are_left_to_torch():
     assert bc.choose_cuda_arch_list("8.6", [], {"8.0", "8.6", "9.0"}) == ("8.6", None)
+    assert bc.choose_cuda_arch_list("8.0;9.0a", [], {"8.0", "9.0"}) == ("8.0;9.0a", None)
     assert bc.choose_cuda_arch_list(None, [(8, 0), (8, 0)], None) == (None, None)
 
 

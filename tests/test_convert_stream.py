@@ -16,7 +16,8 @@ import torch
 from megatron_lite.config import ModelConfig, config_from_dict
 from megatron_lite.models.hf_files import SafetensorsReader, write_safetensors
 from megatron_lite.models.hf_io import hf_tensor_specs, model_config_to_hf_config
-from megatron_lite.training.convert_stream import CheckpointSource
+from megatron_lite.training.convert import write_model_checkpoint
+from megatron_lite.training.convert_stream import CheckpointSource, HFSource
 
 REPO = Path(__file__).resolve().parents[1]
 transformers = pytest.importorskip("transformers")
@@ -143,7 +144,6 @@ def test_export_builds_tokenizer_from_the_run(tmp_path):
     import sentencepiece
 
     from megatron_lite.models import build_model
-    from megatron_lite.training.convert import write_model_checkpoint
 
     sp_model = _tiny_sentencepiece(tmp_path)
     cfg = config_from_dict({
@@ -167,3 +167,56 @@ def test_export_builds_tokenizer_from_the_run(tmp_path):
     pipe = transformers.pipeline("text-generation", model=str(out), device="cpu")
     generated = pipe("the quick", max_new_tokens=4, do_sample=False)[0]["generated_text"]
     assert generated.startswith("the quick")
+
+
+def test_export_follows_initial_load_and_copies_hf_tokenizers(tmp_path):
+    """A run started from HF (training.initial_load) exports with the HF directory's config and
+    files; a run with an HF tokenizer (tokenizer.json) exports that tokenizer."""
+    _random_hf(tmp_path / "hf", extra_config={"bos_token_id": 5, "eos_token_id": 6, "custom_key": 1})
+    (tmp_path / "hf/tokenizer_config.json").write_text('{"tokenizer_class": "LlamaTokenizer"}')
+    source = HFSource(tmp_path / "hf")
+    cfg = config_from_dict({**source.config.to_dict(), "training": {"initial_load": str(tmp_path / "hf")}})
+    write_model_checkpoint(source.get, cfg, tmp_path / "trained")  # stands for a run's checkpoint
+    assert (
+        convert_tool.main(
+            ["--input", str(tmp_path / "trained"), "--output", str(tmp_path / "a"), "--to", "hf"]
+        )
+        == 0
+    )
+    config = json.loads((tmp_path / "a/config.json").read_text())
+    assert (config["bos_token_id"], config["eos_token_id"], config["custom_key"]) == (5, 6, 1)
+    assert (tmp_path / "a/tokenizer_config.json").read_text() == '{"tokenizer_class": "LlamaTokenizer"}'
+
+    tokenizers = pytest.importorskip("tokenizers")
+    tok = tokenizers.Tokenizer(
+        tokenizers.models.WordLevel({"<unk>": 0, "<s>": 1, "</s>": 2, "a": 3}, "<unk>")
+    )
+    tok.pre_tokenizer = tokenizers.pre_tokenizers.Whitespace()
+    (tmp_path / "tok").mkdir()
+    tok.save(str(tmp_path / "tok/tokenizer.json"))
+    data = {"tokenizer_type": "HuggingFaceTokenizer", "tokenizer_model": str(tmp_path / "tok"), "mock": True}
+    cfg = config_from_dict({"model": source.config.to_dict()["model"], "data": data})
+    write_model_checkpoint(source.get, cfg, tmp_path / "trained_hf_tok")
+    source.close()
+    args = ["--input", str(tmp_path / "trained_hf_tok"), "--output", str(tmp_path / "b"), "--to", "hf"]
+    assert convert_tool.main(args) == 0
+    assert json.loads((tmp_path / "b/config.json").read_text())["eos_token_id"] == 2
+    loaded = transformers.AutoTokenizer.from_pretrained(tmp_path / "b")
+    assert loaded("a a").input_ids == [3, 3]
+
+
+def test_initial_load_from_another_layout_reads_lazily(tmp_path, capsys):
+    """training.initial_load of a tp2 x pp2 checkpoint into a one-process model: the HF weights."""
+    from megatron_lite.models import build_model
+    from megatron_lite.training.convert import layout_dims, load_initial_weights
+
+    _random_hf(tmp_path / "hf", dtype=torch.float32)
+    rc, log = _convert(capsys, "--input", tmp_path / "hf", "--output", tmp_path / "ckpt", "--to",
+                       "megatron_lite", "--tensor", "2", "--pipeline", "2")  # fmt: skip
+    assert rc == 0, log
+    source = HFSource(tmp_path / "hf")
+    model = build_model(source.config.model, "cpu", dtype=torch.float32, seed=0)
+    what = load_initial_weights(model, tmp_path / "ckpt", source.config, layout_dims())
+    assert what == "checkpoint iteration 0 (resharded)"
+    for name, param in model.named_parameters():
+        assert torch.equal(param, source.get(name)), name

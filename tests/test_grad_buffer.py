@@ -120,6 +120,16 @@ def test_one_process_zero1_equals_plain_and_resumes(tmp_path):
     assert [(r.loss, r.grad_norm) for r in first + rest] == expected
 
 
+def _redigest(path) -> None:
+    """Record a rewritten checkpoint file's sha256 in its ``metadata.json``."""
+    import json
+
+    meta_path = path.parents[1] / checkpoint.METADATA_FILE
+    meta = json.loads(meta_path.read_text())
+    meta["sha256"][f"{path.parent.name}/{path.name}"] = checkpoint.file_digest(path)
+    meta_path.write_text(json.dumps(meta))
+
+
 def test_resume_refuses_another_optimizer_reshards_another_layout_and_shards_plain(tmp_path):
     expected = [(r.loss, r.grad_norm) for r in _trainer(*ZERO1).train()]
     ckpt = str(tmp_path / "ckpt")
@@ -134,6 +144,7 @@ def test_resume_refuses_another_optimizer_reshards_another_layout_and_shards_pla
     shard = torch.load(path, weights_only=True)
     shard["pieces"], shard["piece_states"] = shard["pieces"][1:], shard["piece_states"][1:]
     torch.save(shard, path)
+    _redigest(path)  # as its writer would have recorded it: the content is what is wrong here
     with pytest.raises(checkpoint.CheckpointError, match=r"cannot reshard .* no shard file holds .*\[0:"):
         _trainer(*ZERO1, "--training.load", ckpt, "--parallel.grad_bucket_mb", "0.01")
     # A plain-optimizer checkpoint resumes with the distributed optimizer switched on.
@@ -141,3 +152,33 @@ def test_resume_refuses_another_optimizer_reshards_another_layout_and_shards_pla
     first = _trainer("--training.save", plain, "--training.exit_interval", "1").train()
     rest = _trainer(*ZERO1, "--training.load", plain).train()
     assert [(r.loss, r.grad_norm) for r in first + rest] == expected
+
+
+def test_bf16_parameters_accumulate_into_fp32_main_grads():
+    torch.manual_seed(0)
+    model, xs = _Toy(), [torch.randn(3, 4) for _ in range(2)]
+    sync = GradSync(model, _one_rank(), bucket_mb=16 * 4 / 2**20)
+    fp32 = {n: p.detach().clone() for n, p in model.named_parameters()}
+    sync.cast_params(torch.bfloat16)
+    (buffer,) = sync.buffers
+    for bucket in buffer.buckets:
+        for name, param, (start, end) in zip(bucket.names, bucket.params, bucket.ranges):
+            assert param.dtype == torch.bfloat16 and torch.equal(param, fp32[name].bfloat16()), name
+            assert param.data_ptr() == buffer.param_data[start:end].data_ptr()  # a view of the flat buffer
+    sync.start_step(num_microbatches=2)
+    grads = {n: torch.zeros_like(p, dtype=torch.float32) for n, p in model.named_parameters()}
+    for x in xs:
+        model(x.bfloat16()).float().sum().backward()
+        for name, param in model.named_parameters():
+            assert param.grad is None, name  # dropped by the hook once added to main_grad
+    # The reference: each microbatch's bf16 gradient, summed in fp32.
+    reference = _Toy().bfloat16()
+    reference.load_state_dict(model.state_dict())
+    for x in xs:
+        reference.zero_grad()
+        reference(x.bfloat16()).float().sum().backward()
+        for name, param in reference.named_parameters():
+            grads[name] += param.grad.float()
+    for name, param in model.named_parameters():
+        assert param.main_grad.dtype == torch.float32
+        assert torch.equal(param.main_grad, grads[name]), name

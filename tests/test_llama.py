@@ -151,9 +151,8 @@ def _layouts_body(rank, world):
 
     scaled = dict(rope_scaling="llama3", rope_original_max_position_embeddings=8)
     check_tensor_layout(world, "llama", tp=2, sp=True, **scaled)  # tp 2 x dp 2
-    check_tensor_layout(world, "llama", tp=4, num_kv_heads=1, tie_embeddings=True)  # KV replicated x4
-    check_pipeline_layout(world, "llama", 4, ["1f1b", "interleaved"], 4, pipeline=2, virtual_pipeline=2,
-                          tensor=2, sequence_parallel=True)  # fmt: skip
+    check_pipeline_layout(world, "llama", 4, ["interleaved"], 4, pipeline=2, virtual_pipeline=2, tensor=2,
+                          sequence_parallel=True)  # fmt: skip
 
 
 @pytest.mark.slow

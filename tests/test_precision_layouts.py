@@ -12,9 +12,10 @@ products in another order (tp partial sums, sequence-parallel reduce-scatters, s
 expert groups, a different dp reduction order), so its activations and gradients differ from the
 one-process run by a few bf16 roundings, which add up over the layers like noise. Measured over all
 layouts here (2026-12-03): loss (2 iterations) <= 1.4e-5 relative, gradient norm <= 1.7e-4, and per
-parameter ``||g - g_ref|| / ||g_ref||`` <= 0.038 (MoE expert weights, which see few tokens each;
-dense weights <= 0.008). Tolerances: ``LOSS_RTOL`` 5e-5, ``NORM_RTOL`` 5e-4, ``GRAD_RTOL`` 0.1,
-2.5-4x above the largest measured spread. The fp32 tests of these layouts
+parameter ``||g - g_ref|| / ||g_ref||`` <= 0.065 (the router of the tp x pp x dp x ep run; MoE
+expert weights, which see few tokens each, <= 0.038; dense weights <= 0.008). Tolerances:
+``LOSS_RTOL`` 5e-5, ``NORM_RTOL`` 5e-4, ``GRAD_RTOL`` 0.15, 2.3-4x above the largest measured
+spread. The fp32 tests of these layouts
 (test_training_parallel.py, test_training_pipeline.py, test_training_dist_optim.py) stay exact.
 
 The test can fail: a layout that loses one dp rank's microbatch (modelled by the one-process run
@@ -114,7 +115,7 @@ CASES_8 = {
     ),
 }
 FP16_SCALE = 2.0**10  # a scale that does not overflow at once, so both iterations step
-LOSS_RTOL, NORM_RTOL, GRAD_RTOL = 5e-5, 5e-4, 0.1
+LOSS_RTOL, NORM_RTOL, GRAD_RTOL = 5e-5, 5e-4, 0.15
 
 
 def _trainer(overrides: list[str], world_size: int):

@@ -10,6 +10,9 @@ all-gather against the synchronous one (bitwise), a bf16 gradient reduction, and
 from __future__ import annotations
 
 import os
+import subprocess
+import sys
+from pathlib import Path
 
 import pytest
 import torch
@@ -19,6 +22,8 @@ from tiny import TINY_MODEL
 from megatron_lite import ops
 from megatron_lite.config import ConfigError, load_config
 from megatron_lite.models import build_model
+from megatron_lite.parallel.dims import ParallelDims
+from megatron_lite.parallel.grad_buffer import GradSync
 from megatron_lite.parallel.parallelize import materialize_local
 from megatron_lite.training import checkpoint
 from megatron_lite.training.runtime import check_run_config, init_runtime
@@ -142,6 +147,16 @@ def test_fp32_checkpoint_of_the_old_recipe_loads_into_a_bf16_run(tmp_path, zero1
     assert moments and all(s["exp_avg"].dtype == torch.float32 for s in moments.values())
 
 
+def test_initial_load_gives_the_main_params_the_exact_fp32_values(tmp_path):
+    ckpt = str(tmp_path / "ckpt")
+    _trainer(*BF16, "--training.save", ckpt, "--training.train_iters", "2").train()
+    saved = torch.load(tmp_path / "ckpt/iter_0000002/mp_rank_00/model_optim_rng.pt", weights_only=True)
+    fresh = _trainer(*BF16, "--training.initial_load", ckpt, "--training.train_iters", "2")
+    assert fresh.iteration == 0
+    for name, main in fresh.optimizer.mains.items():
+        assert torch.equal(main, saved["model"][name]), name  # not the bf16 rounding of them
+
+
 @pytest.mark.parametrize(
     "overrides, message",
     [
@@ -188,8 +203,31 @@ def test_bf16_on_a_gpu_without_bf16_is_refused(monkeypatch):
 LOSS_RTOL = 2e-3
 
 
+def _bf16_reduction(rank: int, world_size: int) -> None:
+    """``grad_reduce_dtype bf16``: the fp32 buffer receives the bf16 sum, all-reduced or scattered."""
+    dims = ParallelDims.build(world_size)
+    dims.create_groups()
+    for shard in (False, True):
+        model = torch.nn.Linear(64, 48)
+        sync = GradSync(model, dims, bucket_mb=1e-9, shard=shard, reduce_dtype=torch.bfloat16)
+        sync.start_step(1)
+        values = [
+            torch.randn(sync.buffers[0].data.shape, generator=torch.Generator().manual_seed(r))
+            for r in (0, 1)
+        ]
+        sync.buffers[0].data.copy_(values[rank] * 1.001)  # not bf16-representable
+        sync.finish_grad_sync()
+        (buffer,) = sync.buffers
+        want = sum(v.mul(1.001).bfloat16().float() for v in values).bfloat16().float()
+        for bucket in buffer.buckets:
+            lo, hi = buffer.shard_range(bucket) if shard else (bucket.start, bucket.end)
+            assert torch.equal(buffer.data[lo:hi], want[lo:hi]), (shard, bucket.index)
+    dims.destroy_groups()
+
+
 def _dp2_body(rank: int, world_size: int, expected: list, root: str) -> None:
     os.environ["WORLD_SIZE"] = str(world_size)
+    _bf16_reduction(rank, world_size)
     sync_run = _trainer(*BF16, *MOE, *ZERO1, world_size=world_size)
     got = [(r.loss, r.grad_norm) for r in sync_run.train()]
     for (loss, norm), (ref_loss, ref_norm) in zip(got, expected, strict=True):
@@ -225,4 +263,29 @@ def test_dp2_distributed_optimizer_bf16_matches_one_process_and_overlap_is_exact
     reference = _trainer(*BF16, *MOE, "--training.micro_batch_size", "4")
     expected = [(r.loss, r.grad_norm) for r in reference.train()]
     run_distributed(_dp2_body, 2, expected, str(tmp_path))
-    assert checkpoint.latest_iteration(tmp_path / "ckpt") == 3
+    ckpt = tmp_path / "ckpt"
+    assert checkpoint.latest_iteration(ckpt) == 3
+    # The dp=2 checkpoint resumes on one process: main params rebuilt from the fp32 model state.
+    resumed = _trainer(*BF16, *MOE, *ZERO1, "--training.load", str(ckpt))
+    saved = torch.load(ckpt / "iter_0000003/mp_rank_00/model_optim_rng.pt", weights_only=True)["model"]
+    assert resumed.iteration == 3
+    for name, main in resumed.optimizer.model_state_dict(resumed.model).items():
+        assert main.dtype == torch.float32 and torch.equal(main, saved[name]), name
+    assert all(not r.skipped for r in resumed.train())
+
+
+@pytest.mark.slow
+def test_bench_memory_smoke():
+    script = Path(__file__).resolve().parents[1] / "benchmarks/bench_memory.py"
+    out = subprocess.run(
+        [sys.executable, str(script), "--tiny", "--layouts", "dp1_zero1"],
+        capture_output=True,
+        text=True,
+        check=True,
+        timeout=300,
+    ).stdout
+    (row,) = [line.split() for line in out.splitlines() if line.startswith("tiny")]
+    weights, grads, mains, states, total, target = map(float, row[4:])
+    assert (weights, grads) == pytest.approx((2.0, 4.0), abs=0.01)  # bf16 weights, fp32 main grads
+    assert (mains, states) == pytest.approx((4.0, 8.0), abs=0.01)  # fp32 main params, Adam moments
+    assert total == pytest.approx(target, abs=0.02) and target == 18.0

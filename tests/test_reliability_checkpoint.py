@@ -95,6 +95,7 @@ def test_nonfinite_weight_in_a_checkpoint_is_refused_by_name(tmp_path, capsys, s
     )
 
 
+@pytest.mark.slow
 def test_second_run_on_a_locked_directory_is_refused(tmp_path, capsys):
     """A live run owns the directory: a second run stops with one line naming host, pid and job."""
     ckpt = tmp_path / "ckpt"
@@ -145,6 +146,7 @@ def _limit_file_size() -> None:  # runs in the child: files beyond 256 KiB fail 
     resource.setrlimit(resource.RLIMIT_FSIZE, (256 * 1024, resource.RLIM_INFINITY))
 
 
+@pytest.mark.slow
 def test_failed_save_is_a_checkpoint_error_and_leaves_no_tmp(tmp_path):
     """A write that really fails (RLIMIT_FSIZE: the kernel refuses it like a full disk)."""
     config = tmp_path / "config.yaml"
@@ -162,3 +164,21 @@ def test_failed_save_is_a_checkpoint_error_and_leaves_no_tmp(tmp_path):
     )
     assert out.stderr.count("\n") == 1
     assert sorted(p.name for p in ckpt.iterdir()) == []  # no iter_*.tmp, no tracker, lock released
+
+
+def test_lock_of_an_earlier_allocation_of_the_same_slurm_job_is_taken_over(tmp_path, monkeypatch):
+    """A requeued job lands on other nodes: its old lock (other host, same job id) is stale; a lock
+    of another host and another job is not."""
+    monkeypatch.setenv("SLURM_JOB_ID", "4242")
+    lock_path = tmp_path / save_dir.LOCK_FILE
+    lock_path.write_text(json.dumps({"host": "node-gone", "pid": 1, "job_id": "4242"}))
+    said: list[str] = []
+    lock = save_dir.SaveDirLock(tmp_path)
+    lock.acquire(said.append)
+    assert (
+        "from an earlier run of this job" in said[0] and json.loads(lock_path.read_text())["job_id"] == "4242"
+    )
+    lock.release()
+    lock_path.write_text(json.dumps({"host": "node-other", "pid": 1, "job_id": "7"}))
+    with pytest.raises(checkpoint.CheckpointError, match=r"is in use by host node-other pid 1 job 7"):
+        save_dir.SaveDirLock(tmp_path).acquire(said.append)

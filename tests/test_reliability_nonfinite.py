@@ -12,17 +12,19 @@ from test_reliability_checkpoint import BASE, run
 
 from megatron_lite.config import load_config
 from megatron_lite.training import checkpoint
+from megatron_lite.training.health import TrainingError
 from megatron_lite.training.logging import MetricWriters
 from megatron_lite.training.runtime import check_run_config, init_runtime
 from megatron_lite.training.setup import setup_training
-from megatron_lite.training.trainer import TrainingError
 
 
-def test_bf16_fp32_nonfinite_stops_without_saving(tmp_path, capsys):
-    """lr 1e6 (fp32): the first non-finite iteration ends the run with one line naming it and the
-    first parameter with a non-finite gradient; no checkpoint at or after it."""
+@pytest.mark.parametrize("precision", ["fp32", "bf16"])
+def test_bf16_fp32_nonfinite_stops_without_saving(tmp_path, capsys, precision):
+    """lr 1e6: the first non-finite iteration ends the run with one line naming it and the first
+    parameter with a non-finite gradient; no checkpoint at or after it."""
     ckpt = tmp_path / "ckpt"
     args = ["--optimizer.lr", "1e6", "--training.train_iters", "20", "--training.save", str(ckpt)]
+    args += ["--training.precision", precision]
     rc, out, err = run(tmp_path, capsys, *args, "--training.save_interval", "1")
     assert rc == 1 and err.count("\n") == 1, err
     m = re.match(

@@ -74,6 +74,7 @@ def _body(rank: int, world_size: int, cases: dict, ckpt_root: str):
     if rank == 0:
         assert sorted(os.listdir(os.path.join(ckpt, "iter_0000002"))) == [
             "config.yaml",
+            "metadata.json",
             "mp_rank_00_000",
             "mp_rank_00_001",
             "rng",

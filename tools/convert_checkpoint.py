@@ -24,7 +24,9 @@ Conversion streams: one tensor is read at a time and one output file is built at
 side is written tensor by tensor), so memory stays near the size of the largest output file
 whatever the size of the model. Weights keep the input's dtype unless ``--dtype`` is given.
 ``--with-optimizer`` holds the whole model's Adam moments in memory (see convert_optimizer).
-The target layout is checked against the model before any tensor is read.
+The target layout is checked against the model before any tensor is read. An HF export holds
+``config.json`` (the source model's, token ids included, when the weights came from HF),
+``generation_config.json`` and the tokenizer files (``models/hf_extras.py`` says where from).
 
 Exit status 0 on success; 1 with one ``error: ...`` line naming the file on bad input.
 """
@@ -136,7 +138,8 @@ def write_training(args, target: Config, dtype, log) -> Path:
     out = Path(args.output)
     replace = out.exists() and any(out.iterdir())  # only with --overwrite (checked before)
     root = out.parent / f".{out.name}.tmp-{os.getpid()}" if replace else out
-    shutil.rmtree(root, ignore_errors=True) if replace else None
+    if replace:
+        shutil.rmtree(root, ignore_errors=True)  # leftovers of an interrupted --overwrite
     if args.with_optimizer:
         from megatron_lite.training.convert_optimizer import read_training_state
 

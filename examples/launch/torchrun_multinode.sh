@@ -1,12 +1,13 @@
 #!/usr/bin/env bash
 # Multi-node pretraining with torchrun: run this same script on every node.
 #
-#   NNODES=4 NODE_RANK=0 MASTER_ADDR=node0 bash examples/launch/torchrun_multinode.sh \
+#   NNODES=4 MASTER_ADDR=node0 bash examples/launch/torchrun_multinode.sh \
 #       examples/configs/mistral_7b.yaml --data.path 1.0 /data/web_text_document
 #
 # Ranks are laid out as Megatron does (tensor fastest, pipeline slowest), so with 8 GPUs per node
 # a tensor-parallel group of <= 8 never leaves a node. Everything after the config file is passed
-# on as --section.field overrides.
+# on as --section.field overrides. The c10d rendezvous (hosted on MASTER_ADDR) numbers the nodes
+# and survives restarts; RDZV_ID must be the same on every node and new for every job.
 #
 # Reliability (README "Reliability"):
 #   MAX_RESTARTS=N    torchrun restarts all workers up to N times when one dies; with
@@ -17,7 +18,7 @@ set -euo pipefail
 CONFIG=${1:?usage: $0 CONFIG [--section.field value ...]}
 shift
 NNODES=${NNODES:-1}
-NODE_RANK=${NODE_RANK:-0}
+RDZV_ID=${RDZV_ID:-megatron_lite}
 GPUS_PER_NODE=${GPUS_PER_NODE:-8}
 MASTER_ADDR=${MASTER_ADDR:-localhost}
 MASTER_PORT=${MASTER_PORT:-29500}
@@ -29,7 +30,7 @@ export OMP_NUM_THREADS=${OMP_NUM_THREADS:-8}
 # (torch 2.13, pytorch issue 135712); read by torchrun itself, so it must be set here.
 export TORCH_DISABLE_SHARE_RDZV_TCP_STORE=1
 
-exec torchrun --nnodes "$NNODES" --node-rank "$NODE_RANK" --nproc-per-node "$GPUS_PER_NODE" \
-  --master-addr "$MASTER_ADDR" --master-port "$MASTER_PORT" \
+exec torchrun --nnodes "$NNODES" --nproc-per-node "$GPUS_PER_NODE" \
+  --rdzv-backend c10d --rdzv-endpoint "$MASTER_ADDR:$MASTER_PORT" --rdzv-id "$RDZV_ID" \
   --max-restarts "$MAX_RESTARTS" --shutdown-timeout "$SHUTDOWN_TIMEOUT" \
   -m megatron_lite.pretrain --config "$CONFIG" "$@"

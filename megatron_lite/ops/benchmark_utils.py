@@ -49,6 +49,56 @@ def time_ms(fn: Callable[[], object], device: torch.device, *, warmup: int = 5, 
     return statistics.median(samples)
 
 
+def interleaved_ms(
+    fns: dict[str, Callable[[], object]],
+    device: torch.device,
+    *,
+    warmup: int = 2,
+    iters: int = 10,
+    cpu_clock: bool = False,
+) -> dict[str, list[float]]:
+    """Times several closures in turns (A B A B ...), so load from other processes hits all alike.
+
+    Args:
+        cpu_clock: on CPU, count this process's CPU time instead of wall time: with one thread
+            (OMP_NUM_THREADS=1) it is the work done, unaffected by waiting for a shared core.
+
+    Returns:
+        Each name's per-round times in milliseconds (CUDA events on GPU).
+    """
+    for _ in range(warmup):
+        for fn in fns.values():
+            fn()
+    synchronize(device)
+    samples: dict[str, list[float]] = {name: [] for name in fns}
+    for _ in range(iters):
+        for name, fn in fns.items():
+            if cpu_clock and device.type == "cpu":
+                t0 = time.process_time()
+                fn()
+                samples[name].append((time.process_time() - t0) * 1e3)
+            else:
+                samples[name].append(time_ms(fn, device, warmup=0, iters=1))
+    return samples
+
+
+def ratio_summary(base: list[float], other: list[float]) -> dict[str, float]:
+    """Median and spread of the per-round ratios ``other / base`` (>1: base is faster).
+
+    Returns:
+        ``median``, ``min``, ``max`` and the interquartile ``q1``/``q3`` of the ratios.
+    """
+    ratios = sorted(o / b for b, o in zip(base, other))
+    quart = statistics.quantiles(ratios, n=4) if len(ratios) > 1 else [ratios[0]] * 3
+    return {
+        "median": statistics.median(ratios),
+        "q1": quart[0],
+        "q3": quart[2],
+        "min": ratios[0],
+        "max": ratios[-1],
+    }
+
+
 def copy_bandwidth_gbs(device: torch.device, nbytes: int = 1 << 30) -> float:
     """Measured device-to-device copy bandwidth in GB/s (read + write bytes per second)."""
     src = torch.empty(nbytes, dtype=torch.uint8, device=device)

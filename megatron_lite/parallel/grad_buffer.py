@@ -47,14 +47,16 @@ no forward touched (before the next step writes into the parameters again).
 from __future__ import annotations
 
 from collections.abc import Collection
-from dataclasses import dataclass, field
 
 import torch
 import torch.distributed as dist
 from torch import nn
 
 from megatron_lite.parallel import comm
+from megatron_lite.parallel.buckets import SHARD_ALIGN, Bucket, layout_buckets, mb_to_elements
 from megatron_lite.parallel.grads import grad_reduce_groups
+
+__all__ = ["SHARD_ALIGN", "Bucket", "GradBuffer", "GradSync", "mb_to_elements"]
 
 
 # Every collective of this file goes through one of these: the comm layer's recorded wrappers.
@@ -68,36 +70,6 @@ def _reduce_scatter(out: torch.Tensor, inp: torch.Tensor, group, async_op: bool 
 
 def _all_gather(out: torch.Tensor, inp: torch.Tensor, group, async_op: bool = False):
     return comm.all_gather_single(out, inp, group, async_op=async_op, tag="param")
-
-
-SHARD_ALIGN = 128  # elements: every shard starts 512-byte aligned (what NCCL likes)
-
-
-def mb_to_elements(megabytes: float) -> int:
-    """fp32 elements in ``megabytes`` MiB (at least 1)."""
-    return max(1, int(megabytes * 2**20) // 4)
-
-
-@dataclass
-class Bucket:
-    """A contiguous run ``[start, end)`` of a buffer, reduced by one collective.
-
-    ``ranges[i]`` is ``[start, end)`` of ``params[i]`` in buffer coordinates (padding at the end).
-    """
-
-    index: int
-    start: int
-    end: int
-    params: list[nn.Parameter] = field(default_factory=list)
-    names: list[str] = field(default_factory=list)
-    ranges: list[tuple[int, int]] = field(default_factory=list)
-    waiting: int = 0  # parameters whose final gradient of the step has not arrived
-    work: object = None  # the async collective's handle, None before launch / on one rank
-    result: tuple | None = None  # (low-precision copy, fp32 target) to write back after ``work``
-    gather: object = None  # the async parameter all-gather's handle (``overlap_param_gather``)
-    launched: bool = False
-    in_backward: bool = False  # launched by a hook (before finish_grad_sync)
-    early: bool = False  # launched while a later bucket still waited for gradients (overlap)
 
 
 class GradBuffer:
@@ -132,7 +104,9 @@ class GradBuffer:
         self.dp_rank = dist.get_rank(self.dp_group) if self.dp_group is not None else 0
         self.partial_groups = [dims.group(g) for g in self.partial]
         device = named_params[0][1].device
-        self.buckets = _layout(named_params, bucket_elems, self.dp_size * SHARD_ALIGN, own_bucket, chunk_of)
+        self.buckets = layout_buckets(
+            named_params, bucket_elems, self.dp_size * SHARD_ALIGN, own_bucket, chunk_of
+        )
         self.data = torch.zeros(self.buckets[-1].end, dtype=torch.float32, device=device)  # [numel]
         self.param_data: torch.Tensor | None = None  # [numel] in the parameter dtype (``cast_params``)
         self.forward_waits = 0  # parameter all-gathers waited for by a forward pre-hook (overlap)
@@ -260,35 +234,6 @@ class GradBuffer:
             if b.gather is not None:
                 b.gather.wait()
                 b.gather = None
-
-
-def _layout(named_params, bucket_elems, pad_multiple, own_bucket, chunk_of) -> list[Bucket]:
-    """Cut ``named_params`` (buffer order) into buckets; see the module docstring for the rules."""
-    buckets: list[Bucket] = []
-    offset, current, prev_chunk, prev_own = 0, None, None, False
-    chunk_of = chunk_of or {}
-    for name, param in named_params:
-        chunk, own = chunk_of.get(id(param)), name in own_bucket
-        full = current is not None and current.end - current.start >= bucket_elems
-        if current is None or full or own or prev_own or chunk != prev_chunk:
-            if current is not None:
-                offset = _close(current, pad_multiple)
-            current = Bucket(index=len(buckets), start=offset, end=offset)
-            buckets.append(current)
-        n = param.numel()
-        current.params.append(param)
-        current.names.append(name)
-        current.ranges.append((current.end, current.end + n))
-        current.end += n
-        prev_chunk, prev_own = chunk, own
-    _close(current, pad_multiple)
-    return buckets
-
-
-def _close(bucket: Bucket, pad_multiple: int) -> int:
-    size = bucket.end - bucket.start
-    bucket.end = bucket.start + -(-size // pad_multiple) * pad_multiple
-    return bucket.end
 
 
 class GradSync:

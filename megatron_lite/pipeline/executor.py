@@ -20,7 +20,8 @@ until its send completed. Nothing of a microbatch outlives its backward.
 Data: every pipeline rank loads the same microbatches (``BatchStream`` slices by data-parallel
 rank only), so the labels, the loss mask and the packed-sequence metadata (``position_ids``,
 ``cu_seqlens``, ``max_seqlen``) are local on every stage; only hidden states and their gradients
-travel, with the fixed shape ``[b, s, h]`` (``[b, s/tp, h]`` under sequence parallel) and dtype.
+travel, with the fixed shape ``[b, s, h]`` (``[b, s/tp, h]`` under sequence parallel) and dtype
+(the compute dtype: bf16 under bf16 training).
 
 Backward: the last stage back-propagates the loss objective; the others call
 ``torch.autograd.backward(output, grad)`` with the received gradient. MoE layers attach their

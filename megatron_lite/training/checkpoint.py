@@ -19,7 +19,6 @@ shard writer's file holds only the optimizer's layout, and every rank writes its
 
 from __future__ import annotations
 
-import json
 import os
 import random
 import shutil
@@ -39,9 +38,12 @@ from megatron_lite.training.checkpoint_files import (  # noqa: F401 - Checkpoint
     _fsync_dir,
     atomic_save,
     file_digest,
+    first_error,
     first_nonfinite,
+    os_reason,
     read_metadata,
     read_state,
+    write_metadata,
 )
 
 TRACKER = "latest_checkpointed_iteration.txt"
@@ -178,8 +180,11 @@ def save(
     model_state = main_state(model) if main_state is not None else model.state_dict()
     final = iteration_dir(root, iteration)
     tmp = final.with_name(final.name + ".tmp")
-    model_state = model.state_dict()
-    bad = _first_error(gather(first_nonfinite(model_state)))
+    # Mixed precision: the optimizer's fp32 main values under the model's names (all ranks take
+    # part: the distributed optimizer gathers its shards); fp32 weights: the model's own.
+    main_state = getattr(optimizer, "model_state_dict", None)
+    model_state = main_state(model) if main_state is not None else model.state_dict()
+    bad = first_error(gather(first_nonfinite(model_state)))
     if bad is not None:
         raise CheckpointError(
             f"not saving iteration {iteration} to {root}: model tensor {bad[1]} (rank {bad[0]}) is not finite"
@@ -191,9 +196,9 @@ def save(
             (tmp / "rng").mkdir(parents=True)
             (tmp / "config.yaml").write_text(config_yaml)
         except OSError as exc:
-            error = _os_reason(exc, tmp)
+            error = os_reason(exc, tmp)
     results = [(e, {}) for e in gather(error)]  # also the barrier: the directory exists
-    if _first_error([e for e, _ in results]) is None:
+    if first_error([e for e, _ in results]) is None:
         digests = {}
         try:
             digests = _write_rank_files(
@@ -209,9 +214,9 @@ def save(
                 extra,
             )
         except (OSError, RuntimeError) as exc:  # torch.save wraps a failed write in RuntimeError
-            error = _os_reason(exc, tmp)
+            error = os_reason(exc, tmp)
         results = gather((error, digests))
-    failed = _first_error([e for e, _ in results])
+    failed = first_error([e for e, _ in results])
     if failed is not None:
         if rank == 0:
             shutil.rmtree(tmp, ignore_errors=True)
@@ -220,22 +225,12 @@ def save(
             f"saving iteration {iteration} to {root} failed on rank {failed[0]}: {failed[1]}"
         )
     if rank == 0:
-        _publish_with_metadata(tmp, final, root, iteration, dims, results)
+        write_metadata(tmp, iteration, dims.world_size, [d for _, d in results])
+        publish(tmp, final, root, iteration)
         if keep_last is not None:
             prune(root, keep_last)
     barrier()
     return final
-
-
-def _os_reason(exc: Exception, where: Path) -> str:
-    if isinstance(exc, OSError):
-        return f"{exc.strerror or exc} ({exc.filename or where})"
-    return f"{str(exc).strip().splitlines()[0] if str(exc).strip() else type(exc).__name__} ({where})"
-
-
-def _first_error(values: list[Any]) -> tuple[int, Any] | None:
-    """(rank, value) of the first non-None value of a rank-ordered list."""
-    return next(((r, v) for r, v in enumerate(values) if v is not None), None)
 
 
 def _write_rank_files(
@@ -267,16 +262,6 @@ def _write_rank_files(
 
         time.sleep(delay)
     return digests
-
-
-def _publish_with_metadata(tmp: Path, final: Path, root: Path, iteration: int, dims, results) -> None:
-    """Rank 0: write ``metadata.json`` (every rank's digests) into ``tmp``, then publish it."""
-    digests = {"config.yaml": file_digest(tmp / "config.yaml")}
-    for _, rank_digests in results:
-        digests.update(rank_digests)
-    meta = {"format": 1, "iteration": iteration, "world_size": dims.world_size, "sha256": digests}
-    _atomic_write_text(tmp / METADATA_FILE, json.dumps(meta, indent=1, sort_keys=True) + "\n")
-    publish(tmp, final, root, iteration)
 
 
 def prune(root: Path, keep_last: int) -> list[Path]:

@@ -142,3 +142,23 @@ def _torch_load(path: Path) -> dict[str, Any]:
     except Exception as exc:  # noqa: BLE001 - any failure to unpickle means a bad file
         reason = str(exc).strip().splitlines()[0] if str(exc).strip() else type(exc).__name__
         raise CheckpointError(f"checkpoint file {path} is corrupt or unreadable: {reason}") from None
+
+
+def write_metadata(tmp: Path, iteration: int, world_size: int, rank_digests: list[dict[str, str]]) -> None:
+    """Write ``tmp/metadata.json``: the sha256 of ``config.yaml`` and of every rank's files."""
+    digests = {"config.yaml": file_digest(tmp / "config.yaml")}
+    for d in rank_digests:
+        digests.update(d)
+    meta = {"format": 1, "iteration": iteration, "world_size": world_size, "sha256": digests}
+    _atomic_write_text(tmp / METADATA_FILE, json.dumps(meta, indent=1, sort_keys=True) + "\n")
+
+
+def os_reason(exc: Exception, where: Path) -> str:
+    if isinstance(exc, OSError):
+        return f"{exc.strerror or exc} ({exc.filename or where})"
+    return f"{str(exc).strip().splitlines()[0] if str(exc).strip() else type(exc).__name__} ({where})"
+
+
+def first_error(values: list[Any]) -> tuple[int, Any] | None:
+    """(rank, value) of the first non-None value of a rank-ordered list."""
+    return next(((r, v) for r, v in enumerate(values) if v is not None), None)

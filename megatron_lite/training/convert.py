@@ -285,8 +285,10 @@ def load_initial_weights(model: torch.nn.Module, path: str | Path, cfg: Config, 
         except RuntimeError as exc:
             raise CheckpointError(f"{file}: does not fit this model: {str(exc).splitlines()[0]}") from None
         return f"checkpoint iteration {iteration} (same layout)"
-    _, full = read_full_state(path, iteration)
-    load_full_state_dict(model, full, dims)
+    from megatron_lite.training.convert_stream import CheckpointSource, LazyState
+
+    # one full tensor at a time, only those of this rank's parameters (never the whole model)
+    load_full_state_dict(model, LazyState(CheckpointSource(path, iteration)), dims)
     return f"checkpoint iteration {iteration} (resharded)"
 
 

@@ -18,6 +18,7 @@ Tensors keep the source's dtype (a conversion casts only when asked).
 from __future__ import annotations
 
 import dataclasses
+from collections.abc import Iterator, Mapping
 from pathlib import Path
 
 import torch
@@ -132,6 +133,27 @@ class CheckpointSource:
 
     def close(self) -> None:
         """Nothing stays open between tensors."""
+
+
+class LazyState(Mapping):
+    """A source as a read-only state dict whose tensors are read when looked up (one at a time)."""
+
+    def __init__(self, source: CheckpointSource):
+        self.source = source
+
+    def __getitem__(self, name: str) -> torch.Tensor:
+        if name not in self.source.holders:
+            raise KeyError(name)
+        return self.source.get(name)
+
+    def __contains__(self, name: object) -> bool:
+        return name in self.source.holders
+
+    def __iter__(self) -> Iterator[str]:
+        return iter(self.source.holders)
+
+    def __len__(self) -> int:
+        return len(self.source.holders)
 
 
 def open_source(path: str | Path, iteration: int | None = None) -> HFSource | CheckpointSource:

@@ -135,10 +135,10 @@ def _check_attention(cfg: Config) -> None:
             "training.attention_backend 'flash' needs the 'flash-attn' package (pip install flash-attn)"
         )
     cp = cfg.parallel.context
-    if cp > 1 and backend not in ("auto", "sdpa_masked"):
+    if cp > 1 and backend != "auto":
         raise ConfigError(
             f"training.attention_backend {backend!r} cannot serve parallel.context ({cp}): context "
-            "parallelism attends with an explicit mask over gathered K/V; use 'auto' or 'sdpa_masked'"
+            "parallelism attends with an explicit mask over gathered K/V; use 'auto'"
         )
     window = cfg.model.sliding_window
     if backend == "sdpa" and (cfg.data.reset_attention_mask or (window and window < cfg.data.seq_length)):

@@ -59,6 +59,11 @@ def setup_training(
 
 def _build(cfg: Config, runtime: Runtime, log, say, exit_signal) -> Trainer:
     model = build_local_model(cfg, runtime)
+    load = cfg.training.load
+    if cfg.training.initial_load and not (load and checkpoint.latest_iteration(load) is not None):
+        # Into the fp32 model, before the optimizer copies its main parameters and casts the weights.
+        what = load_initial_weights(model, cfg.training.initial_load, cfg, runtime.dims)
+        say(f" > initial weights from {cfg.training.initial_load} ({what})")
     grad_sync, optimizer = build_data_parallel(model, cfg, runtime.dims, runtime.precision)
     scheduler = build_scheduler(optimizer, cfg.optimizer, cfg.training.train_iters)
     scaler = DynamicLossScaler(runtime.precision == "fp16")
@@ -71,11 +76,6 @@ def _build(cfg: Config, runtime: Runtime, log, say, exit_signal) -> Trainer:
             if "scaler" in state["extra"]:
                 scaler.load_state_dict(state["extra"]["scaler"])
             _say_schedule_change(cfg, state["extra"], say)
-    if state is None and cfg.training.initial_load:
-        what = load_initial_weights(model, cfg.training.initial_load, cfg, runtime.dims)
-        if hasattr(optimizer, "load_main_state"):  # the weights are loaded in the compute dtype
-            optimizer.load_main_state(model.state_dict())
-        say(f" > initial weights from {cfg.training.initial_load} ({what})")
     train, valid, _test, eod = build_datasets(cfg)
     dims, mbs = runtime.dims, cfg.training.micro_batch_size
     m = num_microbatches(cfg, dims.dp)

@@ -36,6 +36,7 @@ from torch import nn
 
 from megatron_lite.config import Config
 from megatron_lite.training import checkpoint, metrics
+from megatron_lite.training.health import StepGuard, TrainingError
 from megatron_lite.training.logging import (
     MetricWriters,
     TrainLogStats,
@@ -168,10 +169,9 @@ class Trainer:
         # pp > 1: the executor walks this rank's schedule over its model chunks.
         self.pipeline = PipelineStep(cfg, runtime, model) if runtime.dims.pp > 1 else None
         self.history: list[StepResult] = []
-        self.nonfinite_grad: str | None = None  # this rank's first parameter with a non-finite grad
-        self.consecutive_skips = 0
+        self.guard = StepGuard(self.scaler, cfg.training.max_consecutive_skips)
         self.stopped_on_signal = False  # train() left early on a signal (pretrain exits for a requeue)
-        self.save_lock = None  # the save directory's lock (``save_dir``), released by the caller
+        self.save_lock = None  # the save directory's lock (``save_dir``), released by train()
 
     # ------------------------------------------------------------------ one iteration
 
@@ -195,7 +195,7 @@ class Trainer:
         lr = self.scheduler.lr
         skipped = not math.isfinite(grad_norm)
         if skipped:
-            self.nonfinite_grad = first_nonfinite_grad(self.model)  # before the grads are dropped
+            self.guard.note_gradients(self.model)  # before the grads are dropped
             self.optimizer.zero_grad(set_to_none=True)
         else:
             self.optimizer.step()
@@ -242,7 +242,17 @@ class Trainer:
     # ------------------------------------------------------------------ the loop
 
     def train(self) -> list[StepResult]:
-        """Train until ``train_iters`` (or ``exit_interval``); returns this call's per-iteration results."""
+        """Train until ``train_iters`` (or ``exit_interval``); returns this call's per-iteration results.
+
+        The save directory's lock (``save_lock``) is released when training ends, however it ends.
+        """
+        try:
+            return self._train_loop()
+        finally:
+            if self.save_lock is not None:
+                self.save_lock.release()
+
+    def _train_loop(self) -> list[StepResult]:
         tr, rt = self.cfg.training, self.runtime
         interval = _Interval()
         first, saved_at, started = self.iteration, self.iteration, time.perf_counter()
@@ -252,7 +262,7 @@ class Trainer:
             self.history.append(result)
             self._accumulate(interval, result)
             try:
-                self.check_step(result)
+                self.guard.check(result, self.iteration)
             except TrainingError:
                 self._log_interval(interval)  # the bad iteration's line, with its real loss
                 raise
@@ -294,31 +304,6 @@ class Trainer:
             f"training done: {done} iterations ({first} -> {self.iteration}), {tokens} tokens, "
             f"{time.perf_counter() - started:.1f} s wall time, {where}"
         )
-
-    def check_step(self, r: StepResult) -> None:
-        """Stop on a non-finite step (bf16/fp32) or too many consecutive skipped steps (fp16).
-
-        The loss and the gradient norm are already reduced over every rank, so every rank takes
-        the same decision at the same iteration and none is left waiting in a collective.
-
-        Raises:
-            TrainingError: one line naming the iteration (and this rank's first parameter with a
-                non-finite gradient when there is one).
-        """
-        finite = math.isfinite(r.loss) and math.isfinite(r.grad_norm)
-        self.consecutive_skips = self.consecutive_skips + 1 if r.skipped else 0
-        if finite and not r.skipped:
-            return
-        where = f"; first non-finite gradient: {self.nonfinite_grad}" if self.nonfinite_grad else ""
-        what = f"iteration {self.iteration}: lm loss {r.loss}, grad norm {r.grad_norm}{where}"
-        if not self.scaler.enabled:
-            raise TrainingError(f"non-finite values at {what} (nothing saved from this state)")
-        limit = self.cfg.training.max_consecutive_skips
-        if self.consecutive_skips >= limit:
-            raise TrainingError(
-                f"{self.consecutive_skips} consecutive skipped iterations (training.max_consecutive_skips "
-                f"{limit}), last at {what}, loss scale {self.scaler.scale}"
-            )
 
     def _accumulate(self, it: _Interval, r: StepResult) -> None:
         it.iters += 1
@@ -406,19 +391,6 @@ class Trainer:
         )
         self._log(f"saved checkpoint at iteration {self.iteration:7d} to {path}")
         return self.iteration
-
-
-class TrainingError(RuntimeError):
-    """The run cannot go on (non-finite loss or gradients); the message names the iteration."""
-
-
-def first_nonfinite_grad(model: nn.Module) -> str | None:
-    """Name of the first parameter whose gradient (or fp32 ``main_grad``) holds inf or NaN."""
-    for name, p in model.named_parameters():
-        for grad in (getattr(p, "main_grad", None), p.grad):
-            if grad is not None and not bool(torch.isfinite(grad).all()):
-                return name
-    return None
 
 
 def config_yaml(cfg: Config) -> str:

@@ -31,6 +31,8 @@ import torch
 import torch.nn.functional as F
 
 BACKENDS = ("auto", "flash", "flex", "sdpa", "sdpa_masked")
+# What ``training.attention_backend`` accepts (sdpa_masked is the fallback "auto" picks itself).
+SELECTABLE_BACKENDS = ("auto", "flash", "flex", "sdpa")
 FLASH_DTYPES = (torch.float16, torch.bfloat16)
 FLEX_BLOCK = 128  # FlexAttention's default sparse block size
 

@@ -29,6 +29,7 @@ class TransformerBlock(nn.Module):
     def __init__(self, cfg: ModelConfig, layer_idx: int, device=None, dtype=None):
         super().__init__()
         kw = dict(device=device, dtype=dtype)
+        self.window = cfg.layer_window(layer_idx)  # None: attends to the whole sequence
         self.attention_norm = RMSNorm(cfg.hidden_size, cfg.rms_norm_eps, **kw)
         self.attention = Attention(
             cfg.hidden_size, cfg.num_attention_heads, cfg.num_kv_heads, cfg.head_dim, layer_idx, **kw
@@ -137,14 +138,19 @@ class Transformer(nn.Module):
         if position_ids is None:
             position_ids = torch.arange(s, device=h.device).unsqueeze(0).expand(b, s)
         rope = self.rope(position_ids)  # cos, sin: [b, s, hd]
-        meta = AttentionMeta(
-            cu_seqlens, max_seqlen, self.cfg.sliding_window, self.attention_backend, cp=self.context_parallel
-        )
-        if cache is None:  # generation attends through the cache, without these masks
-            meta.prepare(b, s, h.device, h.dtype)
-        blocks = self.layers.values() if layers is None else (self.layers[k] for k in layers)
+        blocks = list(self.layers.values() if layers is None else (self.layers[k] for k in layers))
+        # One AttentionMeta (backend, mask) per distinct window among these layers, built once per
+        # forward: alternating local/global layers share two masks, not one per layer.
+        metas = {}
         for layer in blocks:
-            h = layer(h, rope, meta, cache)
+            if layer.window not in metas:
+                metas[layer.window] = AttentionMeta(
+                    cu_seqlens, max_seqlen, layer.window, self.attention_backend, cp=self.context_parallel
+                )
+                if cache is None:  # generation attends through the cache, without these masks
+                    metas[layer.window].prepare(b, s, h.device, h.dtype)
+        for layer in blocks:
+            h = layer(h, rope, metas[layer.window], cache)
         if not post:
             return h
         h = self.norm(h)
