@@ -82,7 +82,9 @@ def _measure(rank: int, cp: int, seq: int, port: int, out) -> None:
     gen = torch.Generator().manual_seed(0)
     tokens = torch.randint(0, cfg.vocab_size, (1, seq + 1), generator=gen)
     positions = torch.arange(seq).unsqueeze(0)
-    inputs, labels, pos = (split_sequence(t, dims.local.cp, cp) for t in (tokens[:, :-1], tokens[:, 1:], positions))
+    inputs, labels, pos = (
+        split_sequence(t, dims.local.cp, cp) for t in (tokens[:, :-1], tokens[:, 1:], positions)
+    )
     mask = torch.ones(labels.shape)
     before = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss  # KiB on Linux
     storages, hooks = _saved_bytes_hooks()
@@ -117,7 +119,9 @@ def run(cp: int, seq: int) -> list[tuple[int, int, int, int]]:
     return sorted(out.get() for _ in procs)
 
 
-def comm_bytes_per_layer(cp: int, seq: int, nkv: int, hd: int, tp: int = 1, b: int = 1, dtype_bytes: int = 2) -> float:
+def comm_bytes_per_layer(
+    cp: int, seq: int, nkv: int, hd: int, tp: int = 1, b: int = 1, dtype_bytes: int = 2
+) -> float:
     """Bytes one rank receives (forward all-gather) plus sends (backward reduce-scatter) per layer."""
     return 2 * (cp - 1) / cp * b * seq * 2 * (nkv / tp) * hd * dtype_bytes
 

@@ -59,13 +59,19 @@ def test_load_balanced_split_and_gather_order():
 
 
 def test_invalid_cp_layouts_refused():
-    cfg = ModelConfig(hidden_size=64, intermediate_size=128, num_layers=2, num_attention_heads=4, num_kv_heads=2)
+    cfg = ModelConfig(
+        hidden_size=64, intermediate_size=128, num_layers=2, num_attention_heads=4, num_kv_heads=2
+    )
     cfg.validate()
-    with pytest.raises(ConfigError, match=r"data.seq_length \(36\) is not divisible by 2 x parallel.context \(4\) = 8"):
+    with pytest.raises(
+        ConfigError, match=r"data.seq_length \(36\) is not divisible by 2 x parallel.context \(4\) = 8"
+    ):
         validate_layout(cfg, ParallelConfig(context=4), 4, 36)
     with pytest.raises(ConfigError, match=r"world_size \(6\) is not divisible by .*context_parallel \(4\)"):
         validate_layout(cfg, ParallelConfig(context=4), 6, 32)
-    with pytest.raises(ConfigError, match=r"data.seq_length \(20\) / parallel.context \(2\) = 10 .*tensor_parallel \(4\)"):
+    with pytest.raises(
+        ConfigError, match=r"data.seq_length \(20\) / parallel.context \(2\) = 10 .*tensor_parallel \(4\)"
+    ):
         validate_layout(cfg, ParallelConfig(context=2, tensor=4, sequence_parallel=True), 8, 20)
 
 
@@ -110,7 +116,9 @@ def check_cp(world: int, arch: str, cp: int, window: int | None = None, tp: int 
 
     ref = build_model(cfg, "cpu", seed=0)
     logits = ref(batch.tokens, batch.position_ids, batch.cu_seqlens, batch.max_seqlen)
-    per_token = torch.nn.functional.cross_entropy(logits.flatten(0, 1), batch.labels.flatten(), reduction="none")
+    per_token = torch.nn.functional.cross_entropy(
+        logits.flatten(0, 1), batch.labels.flatten(), reduction="none"
+    )
     ref_loss = (per_token * batch.loss_mask.flatten()).sum() / batch.loss_mask.sum()
     ref_loss.backward()
 
@@ -133,12 +141,16 @@ def check_cp(world: int, arch: str, cp: int, window: int | None = None, tp: int 
 
     total = loss.detach().clone()
     dist.all_reduce(total, group=dims.group("dp_cp"))
-    torch.testing.assert_close(total, ref_loss.detach(), atol=1e-5, rtol=1e-5, msg=lambda m: f"{tag}: loss {m}")
+    torch.testing.assert_close(
+        total, ref_loss.detach(), atol=1e-5, rtol=1e-5, msg=lambda m: f"{tag}: loss {m}"
+    )
     grads = {n: p.grad for n, p in model.named_parameters()}
     gathered = [None] * world
     dist.all_gather_object(gathered, grads)
     for name, ref_param in ref.named_parameters():
-        full = unshard_tensors({r: gathered[r][name] for r in range(world)}, name, cfg, dims, check_replicas=True, atol=1e-6)
+        full = unshard_tensors(
+            {r: gathered[r][name] for r in range(world)}, name, cfg, dims, check_replicas=True, atol=1e-6
+        )
         torch.testing.assert_close(
             full, ref_param.grad, atol=1e-5, rtol=1e-5, msg=lambda m, name=name: f"{tag}: grad of {name}: {m}"
         )

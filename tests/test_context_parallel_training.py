@@ -116,7 +116,9 @@ def _body(rank: int, world_size: int, cases: dict):
         if case != "tp2_sp_cp2_dp2_distopt_win12":
             continue
         ckpt = f"{weights}.ckpt"
-        first = _run([*overrides, "--training.save", ckpt, "--training.exit_interval", "1"], world_size, weights)
+        first = _run(
+            [*overrides, "--training.save", ckpt, "--training.exit_interval", "1"], world_size, weights
+        )
         resumed = _run([*overrides, "--training.load", ckpt], world_size)
         assert first + resumed == got, (case, rank, first + resumed, got)
         # the same checkpoint in a layout without cp (dp 4 instead of cp 2 x dp 2)

@@ -99,7 +99,8 @@ def test_expert_folding_with_etp_smaller_than_tp():
         (dict(world_size=4, tp=0), "tensor_parallel (0) must be a positive integer"),
         (
             dict(world_size=6, cp=4),
-            "world_size (6) is not divisible by tensor_parallel (1) x context_parallel (4) x pipeline_parallel (1)",
+            "world_size (6) is not divisible by tensor_parallel (1) x context_parallel (4) x "
+            "pipeline_parallel (1)",
         ),
     ],
 )
