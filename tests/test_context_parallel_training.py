@@ -10,6 +10,9 @@ checkpoint resumes in a layout without cp (cp does not change parameter or optim
 from __future__ import annotations
 
 import os
+import subprocess
+import sys
+from pathlib import Path
 
 import numpy as np
 import pytest
@@ -19,6 +22,7 @@ from tiny import TINY_MODEL
 
 from megatron_lite.config import load_config
 from megatron_lite.parallel.parallelize import load_full_state_dict
+from megatron_lite.training.convert import read_full_state
 from megatron_lite.training.runtime import check_run_config, init_runtime
 from megatron_lite.training.setup import setup_training
 
@@ -134,3 +138,18 @@ def test_cp_trainer_matches_one_process(tmp_path):
         torch.save({k: v.clone() for k, v in reference.model.state_dict().items()}, weights)
         cases[case] = (parallel, str(weights), [(r.loss, r.grad_norm) for r in reference.train()])
     run_distributed(_body, 8, cases)
+    # The cp run's checkpoint (iteration 1) holds the one-process weights after one iteration,
+    # and converts to another layout: cp is not part of the parameter layout.
+    case = "tp2_sp_cp2_dp2_distopt_win12"
+    one = _trainer([*CASES[case][0], "--training.exit_interval", "1"], 1)
+    one.train()
+    ckpt = tmp_path / f"{case}.pt.ckpt"
+    tool = Path(__file__).resolve().parents[1] / "tools/convert_checkpoint.py"
+    # tp 2 target: the source has sequence_parallel, which the tool keeps and tp 1 would refuse
+    args = ["--input", ckpt, "--output", tmp_path / "tp2", "--to", "megatron_lite", "--tensor", "2"]
+    done = subprocess.run([sys.executable, str(tool), *map(str, args)], capture_output=True, text=True)
+    assert done.returncode == 0, done.stderr
+    for path in (ckpt, tmp_path / "tp2"):
+        _, full = read_full_state(path)
+        for name, value in one.model.state_dict().items():
+            torch.testing.assert_close(full[name], value, rtol=1e-5, atol=1e-6, msg=f"{path} {name}")
