@@ -171,3 +171,29 @@ def _body(rank, world):
 @pytest.mark.slow
 def test_cp_matches_single_process():
     run_distributed(_body, 4)
+
+
+def test_run_config_refuses_cp_misfits_before_any_group():
+    from tiny import TINY_MODEL
+
+    from megatron_lite.config import load_config
+    from megatron_lite.training.runtime import check_run_config
+
+    base = [*TINY_MODEL, "--data.mock", "true", "--data.seq_length", "36", "--parallel.context", "4"]
+    with pytest.raises(
+        ConfigError, match=r"^data.seq_length \(36\) is not divisible by 2 x parallel.context \(4\)"
+    ):
+        check_run_config(load_config(None, base), 4)
+    sdpa = [
+        *base[:-4],
+        "--data.seq_length",
+        "32",
+        "--parallel.context",
+        "2",
+        "--training.attention_backend",
+        "sdpa",
+    ]
+    with pytest.raises(
+        ConfigError, match=r"^training.attention_backend 'sdpa' cannot serve parallel.context \(2\)"
+    ):
+        check_run_config(load_config(None, sdpa), 2)
