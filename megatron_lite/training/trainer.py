@@ -5,6 +5,9 @@ of the global batch, across all microbatches and data-parallel ranks,
 
     L = sum_{all tokens t of the global batch} mask_t * loss_t / N,   N = sum mask_t (all-reduced over DP)
 
+(with context parallelism each rank holds part of every sequence: N and the gradients are summed
+over dp x cp, so the same objective holds token for token)
+
 as Megatron-core does with per-token loss. Microbatch ``m`` on a rank back-propagates
 ``sum_{t in m} mask_t * loss_t / N`` and the data-parallel reduce SUMS gradients. Since ``N`` is
 known before the first backward, the accumulated gradient equals that of one big batch exactly,
