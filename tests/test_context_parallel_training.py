@@ -4,7 +4,8 @@ Packed rows (EOD every few tokens, positions restart, no cross-document attentio
 windows; cp combined with tp + SP, pp, dp (and the distributed optimizer) and MoE expert
 parallelism. Losses and gradient norms per iteration agree with the one-process run (fp32,
 rel 2e-5 as in ``test_training_parallel``). Checkpoints: a cp run resumes bit for bit, and its
-checkpoint resumes in a layout without cp (cp does not change parameter or optimizer sharding).
+checkpoint resumes in a layout without cp and back (cp does not change parameter or optimizer
+sharding), and converts to another layout.
 """
 
 from __future__ import annotations
@@ -127,7 +128,14 @@ def _body(rank: int, world_size: int, cases: dict):
         assert first + resumed == got, (case, rank, first + resumed, got)
         # the same checkpoint in a layout without cp (dp 4 instead of cp 2 x dp 2)
         no_cp = [*WIN12, *TP2_SP, "--parallel.distributed_optimizer", "true"]
-        _close(first + _run([*no_cp, "--training.load", ckpt], world_size), expected, (case, "to dp4", rank))
+        # ... and back: iteration 2 on dp 4 saves, iteration 3 resumes on cp 2 x dp 2
+        ckpt2 = f"{weights}.ckpt2"
+        dp4 = _run(
+            [*no_cp, "--training.load", ckpt, "--training.save", ckpt2, "--training.exit_interval", "2"],
+            world_size,
+        )
+        back = _run([*overrides, "--training.load", ckpt2], world_size)
+        _close(first + dp4 + back, expected, (case, "cp2 -> dp4 -> cp2", rank))
 
 
 def test_cp_trainer_matches_one_process(tmp_path):
