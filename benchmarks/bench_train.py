@@ -25,6 +25,7 @@ import json
 import statistics
 import sys
 import tempfile
+import time
 from collections.abc import Callable
 
 import torch
@@ -87,6 +88,11 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     p.add_argument("--recompute", action="store_true", help="full activation recomputation (both models)")
     p.add_argument("--only", choices=("ours", "hf"), default=None, help="benchmark one model only")
     p.add_argument("--peak-tflops", type=float, default=None, help="override the per-device peak for MFU")
+    p.add_argument(
+        "--cpu-clock",
+        action="store_true",
+        help="on CPU, time with process CPU time (use with OMP_NUM_THREADS=1 on a shared machine)",
+    )
     p.add_argument("--json", default=None, help="also write the results to this file")
     args = p.parse_args(argv)
     args.seq_length = args.seq_length or (32 if args.tiny else 4096)
@@ -198,13 +204,18 @@ class Side:
         self.last_loss = float("nan")
         self.step_peak = 0  # extra bytes above the state during a step, max over rounds
 
-    def run(self, device: torch.device, timed: bool) -> None:
+    def run(self, device: torch.device, timed: bool, cpu_clock: bool = False) -> None:
         if device.type == "cuda":
             torch.cuda.synchronize(device)
             torch.cuda.reset_peak_memory_stats(device)
         base = allocated(device)
         losses: list[float] = []
-        ms = time_ms(lambda: losses.append(self.step()), device, warmup=0, iters=1)
+        if cpu_clock and device.type == "cpu":
+            t0 = time.process_time()
+            losses.append(self.step())
+            ms = (time.process_time() - t0) * 1e3
+        else:
+            ms = time_ms(lambda: losses.append(self.step()), device, warmup=0, iters=1)
         if device.type == "cuda":
             self.step_peak = max(self.step_peak, torch.cuda.max_memory_allocated(device) - base)
         self.first_loss = losses[0] if self.first_loss is None else self.first_loss
@@ -292,7 +303,7 @@ def main(argv: list[str] | None = None) -> int:
         return 1
     for rnd in range(max(args.warmup - 1, 0) + args.iters):  # in turns: A B A B ...
         for side in sides:
-            side.run(device, timed=rnd >= max(args.warmup - 1, 0))
+            side.run(device, timed=rnd >= max(args.warmup - 1, 0), cpu_clock=args.cpu_clock)
     rows = [row_for(side, cfg, args, device) for side in sides]
     for row in rows:
         mfu = "n/a" if row["mfu_percent"] is None else f"{row['mfu_percent']:.1f}%"

@@ -182,6 +182,8 @@ class ParallelConfig:
         distributed_optimizer: shard the AdamW states over data-parallel ranks (ZeRO-1).
         overlap_grad_reduce: reduce gradient buckets during the last microbatch's backward.
         grad_bucket_mb: size of a data-parallel gradient bucket in MB.
+        grad_reduce_dtype: dtype of the data-parallel gradient reduction: fp32 or bf16.
+        overlap_param_gather: overlap the distributed optimizer's parameter all-gather with the next forward.
     """
 
     tensor: int = 1
@@ -342,6 +344,8 @@ class TrainingConfig:
         eval_iters: iterations per validation run.
         exit_interval: save and stop after iterations divisible by it.
         exit_signal_handler: on SIGTERM finish the iteration, save and exit with status 0.
+        dist_timeout_minutes: process-group timeout: a collective waiting longer stops the run.
+        max_consecutive_skips: fp16: stop after this many consecutive skipped (overflowing) steps.
     """
 
     micro_batch_size: int = 1

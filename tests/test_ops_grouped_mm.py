@@ -4,6 +4,11 @@ from __future__ import annotations
 
 import importlib
 import importlib.util
+import os
+import re
+import subprocess
+import sys
+from pathlib import Path
 
 import pytest
 import torch
@@ -11,6 +16,7 @@ import torch
 from megatron_lite import ops
 from megatron_lite.ops import reference
 
+ROOT = Path(__file__).resolve().parents[1]
 gmm = importlib.import_module("megatron_lite.ops.grouped_mm")  # the module (ops.grouped_mm is the function)
 needs_cuda = pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA device")
 HAS_TRITON = importlib.util.find_spec("triton") is not None
@@ -73,17 +79,55 @@ def test_loop_face_backward_is_one_node_without_per_expert_slices():
     assert torch.all(w.grad[1] == 0)
 
 
+def test_probe_answers_the_same_inside_no_grad_and_checkpoints(monkeypatch):
+    """An evaluation run (no_grad) making the first call must not turn torch's GEMM off for good."""
+    gmm._torch_cpu_probe.cache_clear()
+    x, w, _, _ = inputs([2, 2], 32, 48, torch.float32)
+    with torch.no_grad(), torch.inference_mode():
+        assert gmm.grouped_mm_face(x, w) == ("torch", "")
+    assert gmm.grouped_mm_face(x, w) == ("torch", "")
+
+
+@pytest.mark.parametrize("face", ["torch", "loop"])
+def test_faces_under_selective_recompute_match_reference(face):
+    from megatron_lite.training.model_setup import _selectively_checkpointed
+
+    x, w, tpe, gy = inputs([5, 0, 7, 4], 16, 24, torch.float32)
+    fn = lambda a, b, c: _selectively_checkpointed(  # noqa: E731
+        lambda a, b: gmm.run_face(face, a.sin(), b, c).cos(), a, b
+    )
+    got = fwd_bwd(fn, x, w, tpe, gy)
+    want = fwd_bwd(lambda a, b, c: reference.grouped_mm(a.sin(), b, c).cos(), x, w, tpe, gy)
+    for g, r in zip(got, want):
+        torch.testing.assert_close(g, r)
+
+
+# Triton reads TRITON_INTERPRET when it and the kernels are first imported, and other tests (or
+# torch itself) may import triton earlier in this process; so the interpreted tests run in a fresh
+# process started by the test below, with the variable set from the start.
+INTERPRETED = os.environ.get("TRITON_INTERPRET") == "1"
+in_interpreter_process = pytest.mark.skipif(not INTERPRETED, reason="runs in a TRITON_INTERPRET=1 subprocess")
+
+
+@pytest.mark.slow
+@needs_triton
+@pytest.mark.skipif(INTERPRETED, reason="this is the interpreter process")
+def test_triton_face_under_the_interpreter_in_a_fresh_process():
+    env = {**os.environ, "TRITON_INTERPRET": "1", "PYTHONPATH": str(ROOT), "OMP_NUM_THREADS": "1"}
+    cmd = [sys.executable, "-m", "pytest", "-q", "-p", "no:cacheprovider", __file__, "-k", "interpreted"]
+    proc = subprocess.run(cmd, cwd=ROOT, env=env, capture_output=True, text=True, timeout=300)
+    assert proc.returncode == 0, proc.stdout[-3000:]
+    assert re.search(r"\b3 passed", proc.stdout), proc.stdout[-1000:]
+
+
 @pytest.fixture
-def interpreted_triton(monkeypatch):
-    """The Triton face with its kernels re-decorated for the CPU interpreter; restored afterwards."""
-    monkeypatch.setenv("TRITON_INTERPRET", "1")
-    module = importlib.reload(importlib.import_module("megatron_lite.ops.triton_grouped_mm"))
-    yield module
-    monkeypatch.delenv("TRITON_INTERPRET")
-    importlib.reload(module)
+def interpreted_triton():
+    """The Triton face, its kernels decorated for the CPU interpreter (TRITON_INTERPRET=1)."""
+    return importlib.import_module("megatron_lite.ops.triton_grouped_mm")
 
 
 @needs_triton
+@in_interpreter_process
 @pytest.mark.parametrize(
     "dtype,tol",
     [(torch.float32, {"atol": 1e-5, "rtol": 1e-5}), (torch.float16, {"atol": 2e-2, "rtol": 1e-2})],
@@ -97,7 +141,8 @@ def test_triton_face_interpreted_matches_reference(interpreted_triton, dtype, to
 
 
 @needs_triton
-def test_triton_tile_map_covers_every_row_once(interpreted_triton):
+@in_interpreter_process
+def test_triton_tile_map_covers_every_row_once_interpreted(interpreted_triton):
     counts = torch.tensor([5, 0, 37, 1, 16])
     expert, row, ends = interpreted_triton.tile_map(counts, int(counts.sum()), 16)
     covered = torch.zeros(int(counts.sum()), dtype=torch.int64)

@@ -24,6 +24,7 @@ from typing import Any
 
 import torch
 import torch.nn.functional as F
+from torch.utils._python_dispatch import _disable_current_modes
 
 from megatron_lite.ops import _backend, reference
 from megatron_lite.ops._checks import FLOAT_DTYPES, check_same_device, check_tensor, describe
@@ -47,6 +48,14 @@ def _torch_cpu_probe(dtype: torch.dtype) -> str | None:
     fn = _torch_grouped_mm_fn()
     if fn is None:
         return f"torch {torch.__version__} has no grouped GEMM"
+    # The first call may come from inside no_grad/inference_mode (evaluation) or a selective
+    # checkpoint's dispatch mode (which would record the probe's ops as the block's own): step
+    # out of all of them, so the answer depends on torch alone.
+    with _disable_current_modes(), torch.inference_mode(False), torch.enable_grad():
+        return _run_cpu_probe(fn, dtype)
+
+
+def _run_cpu_probe(fn, dtype: torch.dtype) -> str | None:
     try:
         x = torch.ones(6, 8, dtype=dtype, requires_grad=True)
         w = torch.ones(2, 8, 8, dtype=dtype, requires_grad=True)
@@ -149,7 +158,12 @@ def _torch_face(x: torch.Tensor, w: torch.Tensor, tokens_per_expert: torch.Tenso
 
 
 class _LoopGroupedMM(torch.autograd.Function):
-    """Per-expert ``mm`` into preallocated outputs; backward writes dX and dW the same way."""
+    """Per-expert ``mm`` copied into one output; backward writes dX and dW into preallocated tensors.
+
+    The forward copies each product instead of writing it with ``out=``: a selective checkpoint
+    keeps matmul outputs, and ``out=`` views of one buffer would share a version counter that
+    every later expert's write bumps (torch then refuses the cached tensors in recompute).
+    """
 
     @staticmethod
     def forward(ctx: Any, x: torch.Tensor, w: torch.Tensor, counts: tuple[int, ...]) -> torch.Tensor:
@@ -158,7 +172,7 @@ class _LoopGroupedMM(torch.autograd.Function):
         start = 0
         for e, n in enumerate(counts):
             if n:
-                torch.mm(x[start : start + n], w[e].t(), out=y[start : start + n])
+                y[start : start + n].copy_(torch.mm(x[start : start + n], w[e].t()))
             start += n
         ctx.save_for_backward(x, w)
         ctx.counts = counts
