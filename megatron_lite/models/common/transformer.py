@@ -21,6 +21,7 @@ from megatron_lite.models.common.mlp import MLP
 from megatron_lite.models.common.moe import MoE
 from megatron_lite.models.common.norm import RMSNorm
 from megatron_lite.models.common.rope import RotaryEmbedding
+from megatron_lite.parallel.context import global_positions
 
 
 class TransformerBlock(nn.Module):
@@ -135,7 +136,10 @@ class Transformer(nn.Module):
         else:
             h = tokens_or_hidden
             b, s = position_ids.shape if position_ids is not None else h.shape[:2]
-        if position_ids is None:
+        if position_ids is None and self.context_parallel is not None:  # this rank's two chunks
+            cp = self.context_parallel
+            position_ids = global_positions(cp.rank, cp.size, s, h.device).unsqueeze(0).expand(b, s)
+        elif position_ids is None:
             position_ids = torch.arange(s, device=h.device).unsqueeze(0).expand(b, s)
         rope = self.rope(position_ids)  # cos, sin: [b, s, hd]
         blocks = list(self.layers.values() if layers is None else (self.layers[k] for k in layers))
