@@ -20,16 +20,20 @@ import yaml
 TOKENIZER_TYPES = ("SentencePieceTokenizer", "HuggingFaceTokenizer", "MistralTokenizer", "Llama2Tokenizer")
 
 
+# Per-layer attention kinds of ``model.layer_types`` (Hugging Face's names).
+LAYER_TYPES = ("sliding_attention", "full_attention")
+
+
 class ConfigError(ValueError):
     """A configuration value is unknown, malformed or inconsistent."""
 
 
 @dataclass
 class ModelConfig:
-    """Architecture of a Mistral (dense) or Mixtral (sparse MoE) decoder.
+    """Architecture of a decoder of one registered family (``megatron_lite/models/registry.py``).
 
     Attributes:
-        arch: mistral (dense) or mixtral (mixture of experts).
+        arch: the model family: mistral (dense), mixtral (mixture of experts) or llama (dense).
         vocab_size: vocabulary size (the tokenizer's may be smaller).
         hidden_size: width of the residual stream.
         intermediate_size: feed-forward width (of each expert for mixtral).
@@ -39,8 +43,15 @@ class ModelConfig:
         head_dim: width of one head; None means hidden_size / num_attention_heads.
         max_position_embeddings: longest sequence the positions (RoPE) are meant for.
         rope_theta: RoPE base.
+        rope_scaling: RoPE frequency scaling: None, or llama3 (llama only).
+        rope_scaling_factor: llama3 scaling: how much the long wavelengths are slowed down.
+        rope_low_freq_factor: llama3 scaling: wavelengths above original / this are scaled in full.
+        rope_high_freq_factor: llama3 scaling: wavelengths below original / this are kept.
+        rope_original_max_position_embeddings: llama3 scaling: the pretraining context length.
         rms_norm_eps: RMSNorm epsilon.
         sliding_window: attention window in tokens; None attends to the whole sequence.
+        layer_types: per layer, sliding_attention (uses sliding_window) or full_attention, e.g.
+            Gemma 2's alternating local/global layers; None: every layer uses sliding_window.
         tie_embeddings: the output layer shares the embedding's weights.
         init_std: standard deviation of the random initial weights.
         num_experts: experts per MoE layer (mixtral only).
@@ -59,8 +70,14 @@ class ModelConfig:
     head_dim: int | None = None  # None: hidden_size // num_attention_heads
     max_position_embeddings: int = 32768
     rope_theta: float = 10000.0
+    rope_scaling: str | None = None
+    rope_scaling_factor: float = 8.0
+    rope_low_freq_factor: float = 1.0
+    rope_high_freq_factor: float = 4.0
+    rope_original_max_position_embeddings: int = 8192
     rms_norm_eps: float = 1e-5
     sliding_window: int | None = None
+    layer_types: list[str] | None = None
     tie_embeddings: bool = False
     init_std: float = 0.02
     # Mixtral only.
@@ -71,7 +88,7 @@ class ModelConfig:
 
     def validate(self) -> None:
         """Check the architecture is self-consistent; resolve ``head_dim``."""
-        _one_of("model.arch", self.arch, ("mistral", "mixtral"))
+        spec = self.family()  # raises ConfigError naming the registered families
         for name in (
             "vocab_size",
             "hidden_size",
@@ -97,17 +114,52 @@ class ModelConfig:
         _positive("model.head_dim", self.head_dim)
         if self.sliding_window is not None:
             _positive("model.sliding_window", self.sliding_window)
-        if self.arch == "mixtral":
-            _positive("model.num_experts", self.num_experts)
-            if not 1 <= self.top_k <= self.num_experts:
+        if self.layer_types is not None:
+            if len(self.layer_types) != self.num_layers:
                 raise ConfigError(
-                    f"model.top_k ({self.top_k}) must be in [1, model.num_experts ({self.num_experts})]"
+                    f"model.layer_types has {len(self.layer_types)} entries; model.num_layers is "
+                    f"{self.num_layers}"
                 )
+            for kind in self.layer_types:
+                _one_of("model.layer_types entry", kind, LAYER_TYPES)
+            if "sliding_attention" in self.layer_types and self.sliding_window is None:
+                raise ConfigError(
+                    "model.layer_types has sliding_attention layers but model.sliding_window is null"
+                )
+        if self.rope_scaling is not None:
+            if not spec.rope_scaling:
+                raise ConfigError(
+                    f"model.rope_scaling ({self.rope_scaling!r}) is not supported by model.arch {self.arch}"
+                )
+            _one_of(f"model.rope_scaling (for model.arch {self.arch})", self.rope_scaling, spec.rope_scaling)
+            for name in ("rope_scaling_factor", "rope_low_freq_factor", "rope_high_freq_factor",
+                         "rope_original_max_position_embeddings"):  # fmt: skip
+                _positive(f"model.{name}", getattr(self, name))
+            if self.rope_high_freq_factor <= self.rope_low_freq_factor:
+                raise ConfigError(
+                    f"model.rope_high_freq_factor ({self.rope_high_freq_factor}) must exceed "
+                    f"model.rope_low_freq_factor ({self.rope_low_freq_factor})"
+                )
+        if spec.validate is not None:
+            spec.validate(self)
+
+    def layer_window(self, layer: int) -> int | None:
+        """Attention window of global layer ``layer`` (None: the whole sequence)."""
+        if self.layer_types is not None and self.layer_types[layer] == "full_attention":
+            return None
+        return self.sliding_window
+
+    def family(self):
+        """This model's ``ModelSpec`` (``megatron_lite.models.registry``): builder, sharding table,
+        HF adapter, init rule and FLOPs formula. Raises ``ConfigError`` for an unknown ``arch``."""
+        from megatron_lite.models.registry import get_spec
+
+        return get_spec(self.arch)
 
     @property
     def is_moe(self) -> bool:
         """Whether the feed-forward layers are mixtures of experts."""
-        return self.arch == "mixtral"
+        return self.family().is_moe
 
 
 @dataclass
@@ -120,6 +172,8 @@ class ParallelConfig:
         virtual_pipeline: model chunks per pipeline stage (interleaved schedules).
         expert: expert-parallel size (splits the experts of MoE layers).
         expert_tensor: tensor-parallel size inside experts; None means parallel.tensor.
+        context: context-parallel size (cp): every sequence split over cp ranks, two load-balanced
+            chunks each; attention all-gathers K/V over them.
         sequence_parallel: keep norm and residual activations split along the sequence over tensor ranks.
         schedule: pipeline schedule: gpipe, 1f1b, interleaved or breadth-first.
         moe_dispatcher: how tokens reach their experts: alltoall or allgather.
@@ -137,6 +191,7 @@ class ParallelConfig:
     virtual_pipeline: int = 1
     expert: int = 1
     expert_tensor: int | None = None  # None: same as tensor
+    context: int = 1
     sequence_parallel: bool = False
     schedule: str = "1f1b"
     moe_dispatcher: str = "alltoall"
@@ -157,7 +212,7 @@ class ParallelConfig:
 
     def validate(self) -> None:
         """Check each degree on its own; layout-vs-world checks live in ``validate_layout``."""
-        for name in ("tensor", "pipeline", "virtual_pipeline", "expert"):
+        for name in ("tensor", "pipeline", "virtual_pipeline", "expert", "context"):
             _positive(f"parallel.{name}", getattr(self, name))
         for name in ("distributed_optimizer", "overlap_grad_reduce", "overlap_param_gather"):
             if not isinstance(getattr(self, name), bool):
@@ -171,7 +226,9 @@ class ParallelConfig:
             )
         if self.expert_tensor is not None:
             _positive("parallel.expert_tensor", self.expert_tensor)
-        _one_of("parallel.schedule", self.schedule, ("gpipe", "1f1b", "interleaved", "breadth-first"))
+        from megatron_lite.pipeline.schedules import SCHEDULES  # the names come from the registry
+
+        _one_of("parallel.schedule", self.schedule, tuple(SCHEDULES))
         _one_of("parallel.moe_dispatcher", self.moe_dispatcher, ("alltoall", "allgather"))
         if self.virtual_pipeline > 1 and self.pipeline == 1:
             raise ConfigError(
@@ -328,7 +385,9 @@ class TrainingConfig:
             _positive("training.global_batch_size", self.global_batch_size)
         _one_of("training.precision", self.precision, ("auto", "fp32", "bf16", "fp16"))
         _one_of("training.device", self.device, ("auto", "cpu", "cuda"))
-        _one_of("training.attention_backend", self.attention_backend, ("auto", "flash", "flex", "sdpa"))
+        from megatron_lite.models.common.attention_backends import SELECTABLE_BACKENDS
+
+        _one_of("training.attention_backend", self.attention_backend, SELECTABLE_BACKENDS)
         _one_of("training.recompute", self.recompute, ("none", "full", "selective"))
         _positive("training.dist_timeout_minutes", self.dist_timeout_minutes)
         _positive("training.max_consecutive_skips", self.max_consecutive_skips)

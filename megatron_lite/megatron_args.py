@@ -56,6 +56,7 @@ FLAGS: tuple[Flag, ...] = (
         "parallel.virtual_pipeline",
         "layers per model chunk (virtual_pipeline = layers / (pipeline * this))",
     ),
+    _f("--context-parallel-size", "parallel.context", "context-parallel size (sequence split over ranks)"),
     _f("--expert-model-parallel-size", "parallel.expert", "expert-parallel size"),
     _f("--expert-tensor-parallel-size", "parallel.expert_tensor", "tensor-parallel size inside experts"),
     _f("--decoder-first-pipeline-num-layers", "parallel.num_layers_in_first_stage", "layers on stage 0"),
@@ -218,8 +219,10 @@ def translate(argv: list[str]) -> list[str]:
             notes.append(flag)
             continue
         out += _override(flag, spec, values, megatron)
-    if "--num-experts" in megatron:
-        out += ["--model.arch", "mixtral"]
+    if "--num-experts" in megatron:  # Megatron's MoE GPT: the registered mixture-of-experts family
+        from megatron_lite.models.registry import all_specs
+
+        out += ["--model.arch", next(spec.name for spec in all_specs() if spec.is_moe)]
     if "--num-attention-heads" in megatron and "--group-query-attention" not in megatron:
         out += ["--model.num_kv_heads", megatron["--num-attention-heads"][0]]  # Megatron: MHA
     elif "--group-query-attention" in megatron and "--num-query-groups" not in megatron:

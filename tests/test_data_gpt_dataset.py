@@ -6,8 +6,8 @@ import os
 
 import numpy as np
 import pytest
+from data_common import write_dataset
 from dist_utils import run_distributed
-from test_data_common import write_dataset
 
 from megatron_lite.data import MegatronPretrainingSampler, build_gpt_datasets, gpt_dataset
 from megatron_lite.data.gpt_dataset import GPTDataset, num_epochs_needed, parse_split, split_ranges

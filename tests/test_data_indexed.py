@@ -7,7 +7,7 @@ import struct
 
 import numpy as np
 import pytest
-from test_data_common import write_dataset
+from data_common import write_dataset
 
 from megatron_lite.data.indexed_dataset import (
     IndexedDataset,

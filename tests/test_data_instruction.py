@@ -6,7 +6,7 @@ import random
 
 import numpy as np
 import pytest
-from test_data_common import mistral, mistral_args, random_text, run_cli, write_jsonl
+from data_common import mistral, mistral_args, random_text, run_cli, write_jsonl
 
 from megatron_lite.data import build_gpt_datasets
 from megatron_lite.data.indexed_dataset import IndexedDataset

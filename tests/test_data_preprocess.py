@@ -11,7 +11,7 @@ import time
 
 import numpy as np
 import pytest
-from test_data_common import REPO, mistral, mistral_args, random_text, run_cli, write_jsonl
+from data_common import REPO, mistral, mistral_args, random_text, run_cli, write_jsonl
 from test_data_tokenizers import make_hf_tokenizer
 
 from megatron_lite.data.indexed_dataset import IndexedDataset

@@ -6,7 +6,7 @@ import json
 import os
 
 import pytest
-from test_data_common import mistral
+from data_common import mistral
 
 from megatron_lite.data.tokenizers import build_tokenizer, bundled_mistral_tokenizer_path
 

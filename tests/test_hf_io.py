@@ -117,7 +117,7 @@ def test_config_round_trip_and_hf_defaults():
 @pytest.mark.parametrize(
     "bad, match",
     [
-        ({"architectures": ["LlamaForCausalLM"]}, "unsupported architecture 'LlamaForCausalLM'"),
+        ({"architectures": ["GPT2LMHeadModel"]}, "unsupported architecture 'GPT2LMHeadModel'"),
         ({"model_type": "gpt2"}, "unsupported architecture 'gpt2'"),
         (
             {"architectures": ["MistralForCausalLM"], "rope_scaling": {"type": "linear", "factor": 2}},

@@ -17,12 +17,7 @@ needs_cuda = pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a C
 DTYPES = [torch.float32, torch.bfloat16]
 
 
-@pytest.fixture(autouse=True)
-def _auto_backend():
-    ops.set_backend("auto")
-    _backend.reset_warnings()
-    yield
-    ops.set_backend("auto")
+pytestmark = pytest.mark.usefixtures("auto_op_backend")  # tests/conftest.py
 
 
 def gen(seed: int) -> torch.Generator:

@@ -17,12 +17,7 @@ cpu_kernel = pytest.mark.skipif(_WHY_NO_KERNEL is not None, reason=str(_WHY_NO_K
 needs_cuda = pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA device")
 
 
-@pytest.fixture(autouse=True)
-def _auto_backend():
-    ops.set_backend("auto")
-    _backend.reset_warnings()
-    yield
-    ops.set_backend("auto")
+pytestmark = pytest.mark.usefixtures("auto_op_backend")  # tests/conftest.py
 
 
 def oracle(tokens: list[list[int]], eod: int) -> tuple[list[int], int, list[list[int]], list[list[float]]]:

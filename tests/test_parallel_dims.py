@@ -97,7 +97,11 @@ def test_expert_folding_with_etp_smaller_than_tp():
             "tensor_parallel (2) x data_parallel (1) = 2",
         ),
         (dict(world_size=4, tp=0), "tensor_parallel (0) must be a positive integer"),
-        (dict(world_size=4, cp=2), "context_parallel (2) is not supported"),
+        (
+            dict(world_size=6, cp=4),
+            "world_size (6) is not divisible by tensor_parallel (1) x context_parallel (4) x "
+            "pipeline_parallel (1)",
+        ),
     ],
 )
 def test_bad_grids_name_the_degrees(kwargs, message):

@@ -108,6 +108,7 @@ def target_config(cfg: Config, args: argparse.Namespace) -> Config:
         virtual_pipeline=args.virtual_pipeline,
         expert=args.expert,
         expert_tensor=args.expert_tensor,
+        context=1,  # cp does not shard parameters: a run picks it at start (--parallel.context)
     )
     target = config_from_dict(data)
     par = target.parallel

@@ -55,6 +55,10 @@ class KVCache:
     def for_model(cls, model, batch_size: int, max_seq_len: int) -> KVCache:
         """A cache shaped for ``model`` (a ``Transformer``), in its parameter dtype and device."""
         cfg = model.cfg
+        if len({layer.window for layer in model.layers.values()}) > 1:
+            raise ValueError(
+                "generation with per-layer attention windows (model.layer_types) is not supported yet"
+            )
         param = next(model.parameters())
         return cls(
             [int(i) for i in model.layers],

@@ -1,7 +1,7 @@
-"""Model zoo: Mistral (dense) and Mixtral (MoE) decoders in plain PyTorch.
+"""Model zoo: decoder families in plain PyTorch, one ``ModelSpec`` each (``models/registry.py``).
 
-``build_model`` builds a model (or one pipeline stage) from a ``ModelConfig``; ``load_hf`` /
-``save_hf`` read and write Hugging Face checkpoints.
+``build_model`` builds a model (or one pipeline stage) from a ``ModelConfig`` with its family's
+builder; ``load_hf`` / ``save_hf`` read and write Hugging Face checkpoints.
 """
 
 from __future__ import annotations
@@ -30,12 +30,7 @@ def build_model(
     On ``"meta"`` nothing is allocated (parallelize, then materialize local shards). On a real
     device the weights are initialised Megatron-style from ``seed`` (``seed=None`` skips init).
     """
-    if cfg.arch == "mistral":
-        from megatron_lite.models.mistral.model import MistralModel as cls
-    elif cfg.arch == "mixtral":
-        from megatron_lite.models.mixtral.model import MixtralModel as cls
-    else:
-        raise ValueError(f"model.arch ({cfg.arch!r}) must be mistral or mixtral")
+    cls = cfg.family().model_cls
     with torch.device("meta"):
         model = cls(cfg, layer_ids=layer_ids, pre_process=pre_process, post_process=post_process, dtype=dtype)
     if torch.device(device).type == "meta":
@@ -47,7 +42,7 @@ def build_model(
 
 
 def load_hf(path, dtype: torch.dtype = torch.float32, device: str | torch.device = "cpu") -> Transformer:
-    """Read a Hugging Face MistralForCausalLM / MixtralForCausalLM directory into a ``Transformer``."""
+    """Read a Hugging Face checkpoint directory of a registered family into a ``Transformer``."""
     from megatron_lite.models.hf_io import load_hf as _load
 
     return _load(path, dtype=dtype, device=device)

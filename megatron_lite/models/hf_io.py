@@ -1,8 +1,9 @@
 """Hugging Face checkpoints (config.json + safetensors) <-> canonical ``Transformer``.
 
-The name/shape mapping is data in ``models/{mistral,mixtral}/hf_adapter.py``; this module only
-interprets it. ``hf_state_to_canonical`` and ``canonical_to_hf`` are the two reusable iterators
-(checkpoint conversion with resharding builds on them); ``load_hf`` / ``save_hf`` add the files.
+The name/shape mapping is data in each family's ``hf_adapter.py`` (named by its ``ModelSpec``);
+this module only interprets it. ``hf_state_to_canonical`` and ``canonical_to_hf`` are the two
+reusable iterators (checkpoint conversion with resharding builds on them); ``load_hf`` /
+``save_hf`` add the files.
 
 Every problem with the input is one ``HFCheckpointError`` line naming the file, the tensor and the
 shapes involved.
@@ -10,7 +11,6 @@ shapes involved.
 
 from __future__ import annotations
 
-import importlib
 import json
 import os
 import shutil
@@ -21,6 +21,7 @@ from types import ModuleType
 import torch
 
 from megatron_lite.config import ModelConfig
+from megatron_lite.models import registry
 from megatron_lite.models.hf_files import (  # noqa: F401 - re-exported: the HF file layout lives there
     CONFIG_FILE,
     DEFAULT_MAX_SHARD_BYTES,
@@ -33,11 +34,6 @@ from megatron_lite.models.hf_files import (  # noqa: F401 - re-exported: the HF 
     write_safetensors,
 )
 
-_ADAPTERS = {
-    "mistral": "megatron_lite.models.mistral.hf_adapter",
-    "mixtral": "megatron_lite.models.mixtral.hf_adapter",
-}
-_ARCH_OF_HF = {"MistralForCausalLM": "mistral", "MixtralForCausalLM": "mixtral"}
 _INT_FIELDS = {
     "vocab_size",
     "hidden_size",
@@ -54,10 +50,11 @@ _INT_FIELDS = {
 
 
 def adapter_for(arch: str) -> ModuleType:
-    """The key-map module for ``arch`` (``"mistral"`` or ``"mixtral"``)."""
-    if arch not in _ADAPTERS:
-        raise HFCheckpointError(f"no Hugging Face adapter for model arch {arch!r} (known: mistral, mixtral)")
-    return importlib.import_module(_ADAPTERS[arch])
+    """The key-map module of family ``arch`` (its ``ModelSpec.hf_adapter``)."""
+    if arch not in registry.names():
+        known = ", ".join(registry.names())
+        raise HFCheckpointError(f"no Hugging Face adapter for model arch {arch!r} (known: {known})")
+    return registry.get_spec(arch).adapter()
 
 
 def shape_symbols(cfg: ModelConfig) -> dict[str, int]:
@@ -84,12 +81,11 @@ def hf_config_to_model_config(hf: Mapping, where: str = CONFIG_FILE) -> ModelCon
     """
     archs = hf.get("architectures") or []
     name = archs[0] if isinstance(archs, list) and archs else None
-    arch = _ARCH_OF_HF.get(name) if name else hf.get("model_type")
-    if arch not in _ADAPTERS:
+    arch = registry.arch_for_hf(name, hf.get("model_type"))
+    if arch is None:
         shown = name or hf.get("model_type")
-        raise HFCheckpointError(
-            f"{where}: unsupported architecture {shown!r} (supported: {', '.join(_ARCH_OF_HF)})"
-        )
+        supported = ", ".join(registry.hf_architectures())
+        raise HFCheckpointError(f"{where}: unsupported architecture {shown!r} (supported: {supported})")
     ad = adapter_for(arch)
 
     def get(key):
@@ -106,7 +102,10 @@ def hf_config_to_model_config(hf: Mapping, where: str = CONFIG_FILE) -> ModelCon
             raise HFCheckpointError(f"{where}: {key} ({value!r}) must be {kind}")
     if kwargs["num_kv_heads"] is None:
         kwargs["num_kv_heads"] = kwargs["num_attention_heads"]
-    kwargs["rope_theta"] = _rope_theta(hf, ad, where)
+    if hasattr(ad, "rope_from_hf"):  # the family reads its own RoPE keys (e.g. Llama 3 scaling)
+        kwargs.update(ad.rope_from_hf(hf, where))
+    else:
+        kwargs["rope_theta"] = _rope_theta(hf, ad, where)
     try:
         cfg = ModelConfig(arch=arch, **kwargs)
         cfg.validate()
@@ -141,8 +140,11 @@ def model_config_to_hf_config(cfg: ModelConfig, dtype: torch.dtype, base: Mappin
     out = dict(base or {})
     out.update({"architectures": [ad.ARCHITECTURE], "model_type": ad.MODEL_TYPE})
     out.update({key: getattr(cfg, field) for key, field in ad.CONFIG_KEYS})
-    out["rope_theta"] = float(cfg.rope_theta)
-    out["rope_parameters"] = {"rope_theta": float(cfg.rope_theta), "rope_type": "default"}
+    if hasattr(ad, "rope_to_hf"):
+        out.update(ad.rope_to_hf(cfg))
+    else:
+        out["rope_theta"] = float(cfg.rope_theta)
+        out["rope_parameters"] = {"rope_theta": float(cfg.rope_theta), "rope_type": "default"}
     out.update(ad.HF_EXTRA)
     out["dtype"] = str(dtype).removeprefix("torch.")
     if "torch_dtype" in out:  # transformers 4.x name of the same key

@@ -1,13 +1,17 @@
 """The rank grid: which ranks form each tensor/pipeline/data/expert parallel group.
 
-Dense layers use the grid ``tp x cp x dp x pp`` (cp is reserved and always 1). Rank order follows
-Megatron: tp varies fastest, then dp, then pp, so a TP group is a block of consecutive ranks and
-sits inside one node::
+Dense layers use the grid ``tp x cp x dp x pp``. Rank order follows Megatron: tp varies fastest,
+then cp (context parallel: the sequence split over ranks), then dp, then pp, so a TP group is a
+block of consecutive ranks and sits inside one node, with its CP peers next to it::
 
-    rank = tp_rank + tp * (dp_rank + dp * pp_rank)
+    rank = tp_rank + tp * (cp_rank + cp * (dp_rank + dp * pp_rank))
+
+Context-parallel ranks hold the same parameters and see different tokens of the same samples, so
+gradients are summed (and the distributed optimizer shards) over ``dp_cp``, the dp x cp ranks of
+one tp/pp position, as in Megatron; data is sampled per dp rank only.
 
 MoE layers fold a second grid over the same ranks (Megatron "MoE parallel folding"): within one
-pipeline stage the ``tp * dp`` ranks are re-read as ``etp x ep x edp``, again fastest first::
+pipeline stage the ``tp * cp * dp`` ranks are re-read as ``etp x ep x edp``, again fastest first::
 
     rank = etp_rank + etp * (ep_rank + ep * (edp_rank + edp * pp_rank))
 
@@ -27,7 +31,7 @@ import torch.distributed as dist
 from megatron_lite.config import ConfigError
 
 # Every group kind, in creation order (all ranks must create all groups in the same order).
-GROUP_NAMES = ("tp", "dp", "pp", "mp", "tp_dp", "embedding", "etp", "ep", "edp", "etp_ep")
+GROUP_NAMES = ("tp", "dp", "pp", "mp", "tp_dp", "embedding", "etp", "ep", "edp", "etp_ep", "cp", "dp_cp")
 
 
 @dataclass(frozen=True)
@@ -47,6 +51,18 @@ class RankCoords:
     etp_size: int
     ep_size: int
     edp_size: int
+    cp: int = 0
+    cp_size: int = 1
+
+    @property
+    def dp_cp(self) -> int:
+        """Index in the dp x cp group (its ranks in rank order: cp varies fastest)."""
+        return self.cp + self.cp_size * self.dp
+
+    @property
+    def dp_cp_size(self) -> int:
+        """Size of the dp x cp group."""
+        return self.dp_size * self.cp_size
 
     def index(self, group: str) -> int:
         """Index of this rank inside its ``group`` ("tp", "ep", "etp", ...)."""
@@ -85,7 +101,7 @@ class ParallelDims:
             pp: pipeline parallel size.
             ep: expert parallel size (MoE layers).
             etp: tensor parallel size inside each expert (None: same as ``tp``).
-            cp: context parallel size; reserved, must be 1.
+            cp: context parallel size (the sequence of every sample split over cp ranks).
 
         Raises:
             ConfigError: naming the offending degree and numbers.
@@ -101,20 +117,21 @@ class ParallelDims:
         ):
             if not isinstance(value, int) or isinstance(value, bool) or value < 1:
                 raise ConfigError(f"{name} ({value!r}) must be a positive integer")
-        if cp != 1:
-            raise ConfigError(f"context_parallel ({cp}) is not supported yet; it must be 1")
-        if world_size % (tp * pp):
+        with_cp = f" x context_parallel ({cp})" if cp > 1 else ""
+        if world_size % (tp * cp * pp):
             raise ConfigError(
-                f"world_size ({world_size}) is not divisible by tensor_parallel ({tp}) x "
-                f"pipeline_parallel ({pp}) = {tp * pp}"
+                f"world_size ({world_size}) is not divisible by tensor_parallel ({tp}){with_cp} x "
+                f"pipeline_parallel ({pp}) = {tp * cp * pp}"
             )
-        dp = world_size // (tp * pp)
-        if (tp * dp) % (etp * ep):
+        dp = world_size // (tp * cp * pp)
+        stage = tp * cp * dp
+        if stage % (etp * ep):
             raise ConfigError(
                 f"expert_tensor_parallel ({etp}) x expert_parallel ({ep}) = {etp * ep} does not divide "
-                f"tensor_parallel ({tp}) x data_parallel ({dp}) = {tp * dp} (the ranks of one pipeline stage)"
+                f"tensor_parallel ({tp}){with_cp} x data_parallel ({dp}) = {stage} "
+                "(the ranks of one pipeline stage)"
             )
-        return cls(world_size, tp, pp, dp, ep, etp, tp * dp // (etp * ep), cp)
+        return cls(world_size, tp, pp, dp, ep, etp, stage // (etp * ep), cp)
 
     @classmethod
     def from_config(cls, parallel_cfg, world_size: int) -> ParallelDims:
@@ -125,11 +142,12 @@ class ParallelDims:
             pp=parallel_cfg.pipeline,
             ep=parallel_cfg.expert,
             etp=parallel_cfg.expert_tensor,
+            cp=getattr(parallel_cfg, "context", 1),
         )
 
     def __repr__(self) -> str:
         return (
-            f"ParallelDims(world={self.world_size}, tp={self.tp}, dp={self.dp}, pp={self.pp}, "
+            f"ParallelDims(world={self.world_size}, tp={self.tp}, cp={self.cp}, dp={self.dp}, pp={self.pp}, "
             f"ep={self.ep}, etp={self.etp}, edp={self.edp})"
         )
 
@@ -137,8 +155,8 @@ class ParallelDims:
 
     @property
     def stage_size(self) -> int:
-        """Ranks per pipeline stage (``tp * dp == etp * ep * edp``)."""
-        return self.tp * self.dp
+        """Ranks per pipeline stage (``tp * cp * dp == etp * ep * edp``)."""
+        return self.tp * self.cp * self.dp
 
     def coords(self, rank: int) -> RankCoords:
         """Indices of ``rank`` in every grid."""
@@ -148,7 +166,7 @@ class ParallelDims:
         return RankCoords(
             rank=rank,
             tp=local % self.tp,
-            dp=local // self.tp,
+            dp=local // (self.tp * self.cp),
             pp=pp_rank,
             etp=local % self.etp,
             ep=(local // self.etp) % self.ep,
@@ -159,6 +177,8 @@ class ParallelDims:
             etp_size=self.etp,
             ep_size=self.ep,
             edp_size=self.edp,
+            cp=(local // self.tp) % self.cp,
+            cp_size=self.cp,
         )
 
     def rank_lists(self, name: str) -> list[list[int]]:
@@ -167,7 +187,9 @@ class ParallelDims:
         Kinds: ``tp``, ``dp``, ``pp``; ``mp`` (tp x pp, model parallel); ``tp_dp`` (all ranks of one
         pipeline stage: they share the global batch); ``embedding`` (first and last stage, for tied
         embeddings); ``etp``, ``ep``, ``edp`` (expert grid); ``etp_ep`` (one expert-model-parallel
-        block: the ranks that exchange tokens in a MoE layer).
+        block: the ranks that exchange tokens in a MoE layer); ``cp`` (context parallel: the ranks
+        sharing one sequence) and ``dp_cp`` (dp x cp: the ranks over which dense gradients are
+        summed and the distributed optimizer shards).
         """
         if name not in GROUP_NAMES:
             raise KeyError(f"unknown group {name!r}; known: {', '.join(GROUP_NAMES)}")
@@ -217,15 +239,20 @@ class ParallelDims:
         self.rank = dist.get_rank()
         groups: dict[str, object] = {}
         for name in GROUP_NAMES:
+            if self.cp == 1 and name in _CP_ALIASES:
+                continue  # without cp the cp groups are single ranks and dp_cp is dp: no new groups
             for ranks in self.rank_lists(name):
                 pg = dist.new_group(ranks, timeout=timeout)
                 if self.rank in ranks:
                     groups[name] = pg
+        if self.cp == 1:
+            groups.update({name: groups.get(alias) for name, alias in _CP_ALIASES.items()})
         self._groups = groups
 
     def destroy_groups(self) -> None:
         """Destroy the groups this object created (tests create many layouts in one process)."""
-        for pg in (self._groups or {}).values():
+        unique = {id(pg): pg for pg in (self._groups or {}).values() if pg is not None}  # dp_cp may alias dp
+        for pg in unique.values():
             dist.destroy_process_group(pg)
         self._groups = None
 
@@ -245,18 +272,23 @@ class ParallelDims:
         return self.coords(self.rank)
 
 
+# With cp == 1: group kind -> the group that stands for it (None: a single rank).
+_CP_ALIASES = {"cp": None, "dp_cp": "dp"}
+
 # Two ranks share a group of kind k iff these keys are equal.
 _GROUP_KEYS = {
-    "tp": lambda c: (c.pp, c.dp),
-    "dp": lambda c: (c.pp, c.tp),
-    "pp": lambda c: (c.dp, c.tp),
-    "mp": lambda c: (c.dp,),
+    "tp": lambda c: (c.pp, c.dp, c.cp),
+    "dp": lambda c: (c.pp, c.tp, c.cp),
+    "pp": lambda c: (c.dp, c.cp, c.tp),
+    "mp": lambda c: (c.dp, c.cp),
     "tp_dp": lambda c: (c.pp,),
-    "embedding": lambda c: (c.dp, c.tp),
+    "embedding": lambda c: (c.dp, c.cp, c.tp),
     "etp": lambda c: (c.pp, c.edp, c.ep),
     "ep": lambda c: (c.pp, c.edp, c.etp),
     "edp": lambda c: (c.pp, c.ep, c.etp),
     "etp_ep": lambda c: (c.pp, c.edp),
+    "cp": lambda c: (c.pp, c.dp, c.tp),
+    "dp_cp": lambda c: (c.pp, c.tp),
 }
 
 
@@ -293,9 +325,20 @@ def validate_layout(model_cfg, parallel_cfg, world_size: int, seq_length: int | 
                 f"expert_parallel ({ep}) > 1 needs a mixture-of-experts model "
                 f"(model.arch is {model_cfg.arch!r})"
             )
+    cp = dims.cp
+    if seq_length is not None and cp > 1 and seq_length % (2 * cp):
+        raise ConfigError(
+            f"data.seq_length ({seq_length}) is not divisible by 2 x parallel.context ({cp}) = {2 * cp}: "
+            "context parallelism gives every rank two of 2 x cp equal chunks of each sequence"
+        )
     splits_sequence = parallel_cfg.sequence_parallel or model_cfg.is_moe
     if seq_length is not None and splits_sequence and tp > 1:
-        _divisible("data.seq_length", seq_length, "tensor_parallel", tp)
+        local = seq_length // cp
+        if local % tp:
+            what = f"data.seq_length ({seq_length}) / parallel.context ({cp}) = {local}" if cp > 1 else (
+                f"data.seq_length ({seq_length})"
+            )
+            raise ConfigError(f"{what} is not divisible by tensor_parallel ({tp})")
     return dims
 
 

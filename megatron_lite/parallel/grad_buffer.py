@@ -76,7 +76,8 @@ class GradBuffer:
     """One flat fp32 gradient buffer for the parameters sharing one reduction rule.
 
     Args:
-        groups: ``grad_reduce_groups`` of these params, e.g. ``("dp",)``, ``("edp",)``, ``("tp", "dp")``.
+        groups: ``grad_reduce_groups`` of these params, e.g. ``("dp_cp",)``, ``("edp",)``,
+            ``("tp", "dp_cp")``.
         named_params: ``(canonical name, param)`` in buffer order (reverse of the model's order).
         dims: the ``ParallelDims`` (process groups).
         bucket_elems: close a bucket once it holds at least this many elements.

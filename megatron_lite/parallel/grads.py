@@ -3,7 +3,8 @@
 Rules (by canonical name, from ``model.parallel_state``):
   * params whose gradient is partial over tp (norms under sequence parallel, the MoE router when
     tp > 1: each tp rank saw only its tokens) are summed over ``tp`` first;
-  * expert params (sharded over ep/etp) are then summed over ``edp``; all others over ``dp``.
+  * expert params (sharded over ep/etp) are then summed over ``edp``; all others over ``dp_cp``
+    (dp x cp: context-parallel ranks hold the same weights and saw other tokens of the samples).
 KV rows replicated over tp (nkv < tp) are already summed in backward by the layer itself.
 
 Gradients are SUMMED, not averaged: the loss is normalised by the global token count
@@ -25,10 +26,10 @@ def grad_reduce_groups(model: nn.Module, name: str) -> tuple[str, ...]:
     """The groups (in order) over which the gradient of canonical parameter ``name`` is summed."""
     state = getattr(model, "parallel_state", None)
     if state is None:
-        return ("dp",)
+        return ("dp_cp",)
     first = ("tp",) if name in state.tp_partial_grads else ()
     expert = shard_spec_for(name, state.model_cfg).is_expert
-    return first + (("edp",) if expert else ("dp",))
+    return first + (("edp",) if expert else ("dp_cp",))
 
 
 @torch.no_grad()

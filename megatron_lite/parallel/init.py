@@ -6,7 +6,8 @@ Box-Muller). So a shard can be initialised without the full tensor ever existing
 (replicated params, KV heads with nkv < tp) are identical, and a run starts from exactly the same
 weights whatever its (tp, ep, etp) layout, including the single-process plain model.
 
-Megatron's init rule: normal(0, init_std), with ``init_std / sqrt(2 * num_layers)`` for the
+The standard deviation per name is the family's init rule (``ModelConfig.family().init_std``);
+Megatron's, used by every family so far: normal(0, init_std), with ``init_std / sqrt(2 * num_layers)`` for the
 output projections (``wo``, ``w2``, ``experts.w2``); norms are ones; vocabulary padding rows are 0.
 """
 
@@ -83,11 +84,9 @@ def _canonical_positions(spec, coords, device) -> list[torch.Tensor]:
 
 def init_local_tensor(name: str, model_cfg, coords, seed: int, device="cpu") -> torch.Tensor:
     """Initial fp32 values of the shard of ``name`` held at ``coords`` (padding rows included, as 0)."""
-    from megatron_lite.models import init_std_for
-
     spec = shard_spec_for(name, model_cfg)
     shape = local_shape(spec, coords)
-    std = init_std_for(name, model_cfg)
+    std = model_cfg.family().init_std(name, model_cfg)  # the family's init rule (ModelSpec)
     if std is None:
         return torch.ones(shape, device=device)
     pos = _canonical_positions(spec, coords, device)

@@ -16,10 +16,11 @@ import re
 import torch
 from torch import nn
 
+from megatron_lite.parallel.context import context_parallel_of
 from megatron_lite.parallel.dims import validate_layout
 from megatron_lite.parallel.init import init_full_tensor, init_local_tensor
-from megatron_lite.parallel.sharding import shard_tensor
-from megatron_lite.parallel.styles import ParallelState, Style
+from megatron_lite.parallel.sharding import shard_tensor, sharding_table
+from megatron_lite.parallel.styles import LinearLayers, ParallelState, Style, plan_from_table
 
 
 def _pattern(key: str) -> re.Pattern:
@@ -27,38 +28,41 @@ def _pattern(key: str) -> re.Pattern:
     return re.compile(re.escape(key).replace(r"\*", r"[^.]+"))
 
 
-def default_plan(arch: str) -> dict[str, Style]:
-    """The plan of a model architecture (``models/<arch>/parallelize.py``)."""
-    if arch == "mistral":
-        from megatron_lite.models.mistral.parallelize import plan
-    elif arch == "mixtral":
-        from megatron_lite.models.mixtral.parallelize import plan
-    else:
-        raise ValueError(f"model.arch ({arch!r}) has no parallelize plan")
-    return plan()
+def default_plan(model_cfg) -> dict[str, Style]:
+    """The plan derived from the model family's sharding table (``parallel.styles.plan_from_table``)."""
+    return plan_from_table(sharding_table(model_cfg))
 
 
-def parallelize(model: nn.Module, dims, parallel_cfg, plan: dict[str, Style] | None = None) -> nn.Module:
+def parallelize(
+    model: nn.Module,
+    dims,
+    parallel_cfg,
+    plan: dict[str, Style] | None = None,
+    linears: LinearLayers | None = None,
+) -> nn.Module:
     """Swap the modules of ``model`` for tensor/sequence/expert-parallel ones, in place.
 
     Args:
         model: a plain ``Transformer`` (or pipeline stage), typically on the meta device.
         dims: ``ParallelDims`` with ``create_groups()`` done.
         parallel_cfg: ``ParallelConfig`` (``sequence_parallel``, ``moe_dispatcher``).
-        plan: module-name pattern -> style, applied in the plan's order; default: the model's own.
+        plan: module-name pattern -> style, applied in the plan's order; default: the one derived
+            from the family's sharding table.
+        linears: the tensor-parallel layer classes the styles install (default ``LinearLayers()``).
 
     Returns:
         ``model``, with ``model.parallel_state`` (a ``ParallelState``) and ``model.vocab_parallel``.
     """
     cfg = model.cfg
     expected = validate_layout(cfg, parallel_cfg, dims.world_size)
-    got, want = (dims.tp, dims.pp, dims.ep, dims.etp), (expected.tp, expected.pp, expected.ep, expected.etp)
+    got = (dims.tp, dims.pp, dims.ep, dims.etp, dims.cp)
+    want = (expected.tp, expected.pp, expected.ep, expected.etp, expected.cp)
     if got != want:
-        raise ValueError(f"dims (tp, pp, ep, etp) = {got} do not match parallel_cfg {want}")
+        raise ValueError(f"dims (tp, pp, ep, etp, cp) = {got} do not match parallel_cfg {want}")
     if getattr(model, "parallel_state", None) is not None:
         raise RuntimeError("model is already parallelized")
-    plan = default_plan(cfg.arch) if plan is None else plan
-    state = ParallelState(dims, parallel_cfg, cfg)
+    plan = default_plan(cfg) if plan is None else plan
+    state = ParallelState(dims, parallel_cfg, cfg, linears=linears or LinearLayers())
     for key, style in plan.items():
         pattern = _pattern(key)
         targets = [(n, m) for n, m in model.named_modules() if pattern.fullmatch(n)]
@@ -68,6 +72,8 @@ def parallelize(model: nn.Module, dims, parallel_cfg, plan: dict[str, Style] | N
                 parent_name, _, child = name.rpartition(".")
                 setattr(model.get_submodule(parent_name), child, new)
     model.parallel_state = state
+    if dims.cp > 1:  # the attention core gathers K/V over the cp group
+        model.context_parallel = context_parallel_of(dims)
     return model
 
 

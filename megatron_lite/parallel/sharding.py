@@ -10,12 +10,15 @@ with ``nkv < tp`` rank r holds KV head ``r // (tp // nkv)``. A block may be padd
 (the vocabulary, to a multiple of ``128 * tp`` as Megatron does); padding rows are zeros and
 never appear in the canonical tensor.
 
+Which rule holds for which parameter is each family's sharding table (a tuple of ``ShardRule``:
+name pattern -> layout, next to the model in ``models/``); this module knows the layouts only.
 Everything that moves weights between layouts (parallelize, checkpoint save/load/resharding,
 HF conversion) goes through ``shard_spec_for`` / ``shard_tensor`` / ``unshard_tensors``.
 """
 
 from __future__ import annotations
 
+import functools
 import re
 from collections.abc import Mapping
 from dataclasses import dataclass
@@ -142,27 +145,73 @@ def _router(name, c):
     return ShardSpec(name, "replicated", (c.num_experts, c.hidden_size))
 
 
-_L = r"layers\.\d+\."
-SHARDING_RULES = (
-    (r"tok_embeddings\.weight", _vocab),
-    (r"output\.weight", _vocab),
-    (rf"norm\.weight|{_L}(attention_norm|ffn_norm)\.weight", _norm),
-    (rf"{_L}attention\.wqkv\.weight", _qkv),
-    (rf"{_L}attention\.wo\.weight", _wo),
-    (rf"{_L}feed_forward\.w13\.weight", _w13),
-    (rf"{_L}feed_forward\.w2\.weight", _w2),
-    (rf"{_L}feed_forward\.router\.weight", _router),
-    (rf"{_L}feed_forward\.experts\.w13", _experts_w13),
-    (rf"{_L}feed_forward\.experts\.w2", _experts_w2),
-)
+# Layouts a family's sharding table can name. Each one also says which parallel style
+# ``parallelize`` applies (``parallel.styles.styles_for_rule``), so the table is the only place a
+# parameter's split is written down.
+LAYOUTS = {
+    "vocab_embedding": _vocab,  # token embedding, rows = padded vocabulary over tp
+    "vocab_output": _vocab,  # output layer (absent when tied: the embedding's shard is reused)
+    "norm": _norm,  # replicated; partial gradients over tp under sequence parallel
+    "fused_qkv": _qkv,  # column-parallel [Q; K; V] by heads (KV replicated when nkv < tp)
+    "row_heads": _wo,  # row-parallel attention output projection, split by heads
+    "fused_gate_up": _w13,  # column-parallel [gate; up]
+    "row": _w2,  # row-parallel feed-forward down projection
+    "router": _router,  # replicated MoE router
+    "expert_w13": _experts_w13,  # experts over ep, [gate; up] over etp
+    "expert_w2": _experts_w2,  # experts over ep, input features over etp
+}
+
+
+@dataclass(frozen=True)
+class ShardRule:
+    """One row of a family's sharding table: canonical parameter name pattern -> layout.
+
+    Attributes:
+        pattern: canonical parameter name; ``*`` stands for one name component (a layer index).
+        layout: a key of ``LAYOUTS``.
+    """
+
+    pattern: str
+    layout: str
+
+    def __post_init__(self):
+        if self.layout not in LAYOUTS:
+            raise ValueError(
+                f"sharding rule {self.pattern!r}: unknown layout {self.layout!r} (known: {sorted(LAYOUTS)})"
+            )
+
+    def matches(self, name: str) -> bool:
+        """Whether canonical parameter ``name`` falls under this rule."""
+        return _name_pattern(self.pattern).fullmatch(name) is not None
+
+
+@functools.cache
+def _name_pattern(pattern: str) -> re.Pattern:
+    return re.compile(re.escape(pattern).replace(r"\*", r"[^.]+"))
+
+
+def sharding_table(model_cfg) -> tuple[ShardRule, ...]:
+    """The family's table: the config asks its ``ModelSpec`` (``ModelConfig.family()``).
+
+    ``parallel`` only calls the method, so it never imports a model family.
+    """
+    return model_cfg.family().sharding
+
+
+def matching_rules(name: str, table) -> list[ShardRule]:
+    """Rules of ``table`` that cover ``name`` (exactly one for a well-formed table)."""
+    return [rule for rule in table if rule.matches(name)]
 
 
 def shard_spec_for(name: str, model_cfg) -> ShardSpec:
     """The sharding of canonical parameter ``name`` for this model (layout-independent)."""
-    for pattern, rule in SHARDING_RULES:
-        if re.fullmatch(pattern, name):
-            return rule(name, model_cfg)
-    raise KeyError(f"no sharding rule for parameter {name!r}")
+    rules = matching_rules(name, sharding_table(model_cfg))
+    if len(rules) != 1:
+        what = (
+            "no sharding rule" if not rules else f"{len(rules)} sharding rules ({[r.pattern for r in rules]})"
+        )
+        raise KeyError(f"{what} for parameter {name!r}")
+    return LAYOUTS[rules[0].layout](name, model_cfg)
 
 
 # ---------------------------------------------------------------- geometry

@@ -1,9 +1,11 @@
 """Parallel styles: what ``parallelize`` does to one module of the plain model.
 
-A model's plan (``models/<arch>/parallelize.py``) maps module-name patterns to these styles.
-Each style swaps or edits one module in place, keeping canonical parameter names; new
+A plan maps module-name patterns to these styles; ``plan_from_table`` derives it from the
+family's sharding table (one style per layout, ``styles_for_rule``), so a split is written down
+once. Each style swaps or edits one module in place, keeping canonical parameter names; new
 parameters get local shapes from ``parallel.sharding`` (on the meta device they stay empty,
-on a real device they are sliced from the full weight).
+on a real device they are sliced from the full weight). The layer classes the styles install
+are chosen in one place, ``LinearLayers`` (a transformer-engine or FP8 set can replace them).
 """
 
 from __future__ import annotations
@@ -41,6 +43,16 @@ class VocabShard:
     padded_size: int
 
 
+@dataclass(frozen=True)
+class LinearLayers:
+    """The tensor-parallel layer classes the styles install (swap the set to change implementation)."""
+
+    column: type = ColumnParallelLinear
+    row: type = RowParallelLinear
+    embedding: type = VocabParallelEmbedding
+    output: type = VocabParallelOutput
+
+
 @dataclass
 class ParallelState:
     """Everything ``parallelize`` decided, kept on the model as ``model.parallel_state``."""
@@ -49,6 +61,7 @@ class ParallelState:
     parallel_cfg: object  # ParallelConfig
     model_cfg: object  # ModelConfig
     tp_partial_grads: set[str] = field(default_factory=set)  # grads to sum over tp before dp
+    linears: LinearLayers = field(default_factory=LinearLayers)
 
     @property
     def coords(self):
@@ -96,7 +109,7 @@ class ColumnParallel(Style):
         weight_name = _join(name, "weight")
         spec = shard_spec_for(weight_name, state.model_cfg)
         out_local = local_shape(spec, state.coords)[0]
-        new = ColumnParallelLinear(
+        new = state.linears.column(
             module.in_features,
             out_local,
             state.tp_group,
@@ -114,7 +127,7 @@ class RowParallel(Style):
     def apply(self, name, module, state):
         weight_name = _join(name, "weight")
         spec = shard_spec_for(weight_name, state.model_cfg)
-        new = RowParallelLinear(
+        new = state.linears.row(
             local_shape(spec, state.coords)[1],
             module.out_features,
             state.tp_group,
@@ -130,7 +143,7 @@ class VocabEmbedding(Style):
 
     def apply(self, name, module, state):
         shard = state.vocab_shard()
-        new = VocabParallelEmbedding(
+        new = state.linears.embedding(
             shard.num_local,
             module.embedding_dim,
             shard.start,
@@ -152,9 +165,9 @@ class VocabHead(Style):
             return None
         args = (state.model_cfg.hidden_size, shard.num_local, state.tp_group, state.sequence_parallel)
         if module.output is None:  # tied: multiply by the (already swapped) embedding's shard
-            module.output = VocabParallelOutput(*args, tied_embedding=module.tok_embeddings)
+            module.output = state.linears.output(*args, tied_embedding=module.tok_embeddings)
             return None
-        new = VocabParallelOutput(*args, device="meta")
+        new = state.linears.output(*args, device="meta")
         new.weight = local_parameter(state, _join(name, "output.weight"), module.output.weight)
         module.output = new
         return None
@@ -227,3 +240,45 @@ class ExpertParallelMoE(Style):
         if kind == "allgather":
             return AllGatherDispatcher(num_experts, dims.group("etp_ep"), state.coords.ep, dims.ep)
         raise ValueError(f"parallel.moe_dispatcher ({kind!r}) must be alltoall or allgather")
+
+
+# ---------------------------------------------------------------- plans derived from a table
+
+
+def styles_for_rule(rule) -> list[tuple[str, Style]]:
+    """(module-name pattern, style) pairs that realise one sharding-table row.
+
+    The module is the parameter's owner (``layers.*.attention.wqkv`` for
+    ``layers.*.attention.wqkv.weight``); the fused QKV rule also sets the local head counts on
+    the attention module, the expert rules shard the whole MoE layer (the experts' parent), and
+    the output rule acts on the model root (a tied output has no parameter of its own).
+    """
+    owner = rule.pattern.rpartition(".")[0]
+    parent = owner.rpartition(".")[0]
+    return {
+        "vocab_embedding": lambda: [(owner, VocabEmbedding())],
+        "vocab_output": lambda: [("", VocabHead())],
+        "norm": lambda: [(owner, SequenceParallelNorm())],
+        "fused_qkv": lambda: [(parent, AttentionHeads()), (owner, ColumnParallel())],
+        "fused_gate_up": lambda: [(owner, ColumnParallel())],
+        "row_heads": lambda: [(owner, RowParallel())],
+        "row": lambda: [(owner, RowParallel())],
+        "router": lambda: [],  # replicated; ExpertParallelMoE marks its gradient tp-partial
+        "expert_w13": lambda: [(parent, ExpertParallelMoE())],
+        "expert_w2": lambda: [(parent, ExpertParallelMoE())],
+    }[rule.layout]()
+
+
+def plan_from_table(table) -> dict[str, Style]:
+    """The plan that parallelizes a model whose parameters follow ``table``.
+
+    One style per module (rules sharing a module, like the two expert tensors, give one), in
+    table order, with the root's entry last: a tied output needs the already swapped embedding.
+    """
+    plan: dict[str, Style] = {}
+    for rule in table:
+        for module, style in styles_for_rule(rule):
+            plan.setdefault(module, style)
+    if "" in plan:
+        plan[""] = plan.pop("")
+    return plan

@@ -87,8 +87,11 @@ def check_pipeline_config(cfg: Config, num_microbatches: int) -> None:
 
 
 def activation_shape(cfg: Config, tp: int) -> tuple[int, int, int]:
-    """Shape of the hidden states sent between stages: ``[b, s, h]``, ``[b, s/tp, h]`` under SP."""
-    seq = cfg.data.seq_length
+    """Shape of the hidden states sent between stages: ``[b, s, h]``, ``[b, s/tp, h]`` under SP.
+
+    ``s`` is this rank's part of the sequence under context parallelism (``seq_length / cp``).
+    """
+    seq = cfg.data.seq_length // cfg.parallel.context
     if cfg.parallel.sequence_parallel and tp > 1:
         seq //= tp
     return cfg.training.micro_batch_size, seq, cfg.model.hidden_size
@@ -148,9 +151,8 @@ class ModelChunk(nn.Module):
 
     def moe_layers(self) -> list[nn.Module]:
         """The MoE feed-forward modules of this chunk."""
-        from megatron_lite.models.common.moe import MoE
-
-        return [m for m in self.layers.modules() if isinstance(m, MoE)]
+        # pipeline/ does not import models/: MoE layers identify themselves.
+        return [m for m in self.layers.modules() if getattr(m, "is_moe_layer", False)]
 
 
 def model_chunks(model: nn.Module, cfg: Config, pp_rank: int) -> list[ModelChunk]:

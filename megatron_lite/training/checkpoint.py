@@ -275,8 +275,12 @@ def prune(root: Path, keep_last: int) -> list[Path]:
 
 
 def distrib_optim_path(iter_dir: Path, dims: ParallelDims, rank: int) -> Path:
-    """``<iter_dir>/<shard name>/distrib_optim_dp{dp:03d}.pt``: one rank's distributed-optimizer shard."""
-    return iter_dir / shard_name(dims, rank) / DISTRIB_OPTIM_FILE.format(dims.coords(rank).dp)
+    """``<iter_dir>/<shard name>/distrib_optim_dp{i:03d}.pt``: one rank's distributed-optimizer shard.
+
+    ``i`` is the rank's index in the dp x cp group over which the optimizer shards (its dp index
+    without context parallelism).
+    """
+    return iter_dir / shard_name(dims, rank) / DISTRIB_OPTIM_FILE.format(dims.coords(rank).dp_cp)
 
 
 def publish(tmp: Path, final: Path, root: Path, iteration: int) -> None:

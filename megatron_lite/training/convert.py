@@ -226,7 +226,7 @@ def model_config_matches(expected: ModelConfig, found: ModelConfig, where: str) 
             raise CheckpointError(f"{where}: model.{field} is {b} there but {a} in this run's config")
     moe_only = ("num_experts", "top_k")
     for field in ("num_attention_heads", "num_kv_heads", "tie_embeddings", *moe_only):
-        if field in moe_only and expected.arch != "mixtral":
+        if field in moe_only and not expected.is_moe:
             continue
         a, b = getattr(expected, field), getattr(found, field)
         if a != b:

@@ -16,6 +16,7 @@ import torch
 
 from megatron_lite.config import Config, ConfigError
 from megatron_lite.data.indexed_dataset import DatasetError
+from megatron_lite.parallel.context import shard_batch
 
 
 class MockGPTDataset:
@@ -104,6 +105,8 @@ class BatchStream:
             None skips the check.
         cycle: start again at sample 0 when the dataset runs out (validation: a resumed run with
             another ``eval_interval`` may have consumed more than this run's split holds).
+        context: (cp rank, cp size): keep this context-parallel rank's two chunks of every
+            sequence (``parallel.context.shard_batch``); all cp ranks read the same samples.
     """
 
     def __init__(
@@ -119,12 +122,14 @@ class BatchStream:
         device: torch.device,
         vocab_size: int | None = None,
         cycle: bool = False,
+        context: tuple[int, int] = (0, 1),
     ):
         self.dataset = dataset
         self.global_batch_size = micro_batch_size * num_microbatches * dp_size
         self.num_microbatches = num_microbatches
         self.data_cfg, self.eod, self.device = data_cfg, eod, device
         self.vocab_size, self.cycle = vocab_size, cycle
+        self.context = context
         self._sampler_args = (micro_batch_size, dp_rank, dp_size)
         if cycle and consumed_samples >= len(dataset):
             consumed_samples = 0
@@ -170,7 +175,8 @@ class BatchStream:
             d.eod_mask_loss,
             sample_loss_mask=samples.get("loss_mask"),
         )
-        return to_device(batch, self.device)
+        # after make_batch: packing metadata and positions come from the whole rows
+        return to_device(shard_batch(batch, *self.context), self.device)
 
 
 class BatchDataError(DatasetError):

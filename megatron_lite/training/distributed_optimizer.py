@@ -61,7 +61,7 @@ class ShardPiece:
     param: nn.Parameter
     lo: int
     hi: int
-    dp_group: str  # "dp" or "edp"
+    dp_group: str  # "dp_cp" or "edp"
     shard: nn.Parameter  # fp32 main values of param.view(-1)[lo:hi]; .grad is a view of the grad buffer
 
 

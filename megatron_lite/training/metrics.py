@@ -32,21 +32,15 @@ PEAK_TFLOPS_BF16: tuple[tuple[str, float], ...] = (
 
 
 def layer_params(cfg: ModelConfig, active_only: bool = True) -> int:
-    """Parameters of one transformer block (experts: only the ``top_k`` active ones if ``active_only``)."""
-    h, hd = cfg.hidden_size, cfg.head_dim or cfg.hidden_size // cfg.num_attention_heads
-    attn = h * (cfg.num_attention_heads + 2 * cfg.num_kv_heads) * hd + cfg.num_attention_heads * hd * h
-    expert = 3 * h * cfg.intermediate_size  # SwiGLU: gate, up, down
-    if cfg.is_moe:
-        experts = cfg.top_k if active_only else cfg.num_experts
-        ffn = experts * expert + h * cfg.num_experts  # + router
-    else:
-        ffn = expert
-    return attn + ffn + 2 * h  # two RMSNorm weights
+    """Parameters of one transformer block (experts: only the ``top_k`` active ones if ``active_only``).
+
+    The formula is the family's (``ModelSpec.layer_params``)."""
+    return cfg.family().layer_params(cfg, active_only)
 
 
 def flops_params(cfg: ModelConfig) -> int:
     """Non-embedding parameters plus the output layer, active experts only (the 6N of 6ND)."""
-    return cfg.num_layers * layer_params(cfg) + cfg.hidden_size + cfg.vocab_size * cfg.hidden_size
+    return cfg.family().flops_params(cfg)
 
 
 def total_params(cfg: ModelConfig) -> int:

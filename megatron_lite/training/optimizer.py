@@ -162,13 +162,13 @@ class NormGroup:
         row_weights: ``id(param) -> [rows]`` weights of each dim-0 row's squared sum, for tensors
             whose rows are partly held by several ranks of the group (weight ``1 / replicas``).
         dp_group: the data-parallel group over which the distributed optimizer shards these
-            parameters' gradients (``dp`` for dense, ``edp`` for expert parameters).
+            parameters' gradients (``dp_cp`` for dense, ``edp`` for expert parameters).
     """
 
     params: list[torch.Tensor] = field(default_factory=list)
     all_reduce: Callable[[torch.Tensor], None] | None = None
     row_weights: dict[int, torch.Tensor] = field(default_factory=dict)
-    dp_group: str = "dp"
+    dp_group: str = "dp_cp"
 
 
 def global_grad_norm(groups: Sequence[NormGroup], device: torch.device | str) -> torch.Tensor:

@@ -134,6 +134,12 @@ def _check_attention(cfg: Config) -> None:
         raise ConfigError(
             "training.attention_backend 'flash' needs the 'flash-attn' package (pip install flash-attn)"
         )
+    cp = cfg.parallel.context
+    if cp > 1 and backend != "auto":
+        raise ConfigError(
+            f"training.attention_backend {backend!r} cannot serve parallel.context ({cp}): context "
+            "parallelism attends with an explicit mask over gathered K/V; use 'auto'"
+        )
     window = cfg.model.sliding_window
     if backend == "sdpa" and (cfg.data.reset_attention_mask or (window and window < cfg.data.seq_length)):
         raise ConfigError(
@@ -176,9 +182,13 @@ class Runtime:
         return contextlib.nullcontext()
 
     def all_reduce_dp(self, t: torch.Tensor) -> torch.Tensor:
-        """Sum ``t`` in place over the data-parallel group (identity on one process)."""
-        if self.distributed and self.dims.dp > 1:
-            comm.all_reduce(t, self.dims.group("dp"))
+        """Sum ``t`` in place over the dp x cp group (identity on one process).
+
+        Context-parallel ranks hold different tokens of the same samples, so token counts and loss
+        sums add over them as over data-parallel replicas.
+        """
+        if self.distributed and self.dims.dp * self.dims.cp > 1:
+            comm.all_reduce(t, self.dims.group("dp_cp"))
         return t
 
     def barrier(self) -> None:

@@ -81,7 +81,8 @@ def _build(cfg: Config, runtime: Runtime, log, say, exit_signal) -> Trainer:
     m = num_microbatches(cfg, dims.dp)
     vocab = cfg.model.vocab_size
     stream = BatchStream(
-        train, consumed, mbs, m, dims.local.dp, dims.dp, cfg.data, eod, runtime.device, vocab_size=vocab
+        train, consumed, mbs, m, dims.local.dp, dims.dp, cfg.data, eod, runtime.device, vocab_size=vocab,
+        context=(dims.local.cp, dims.cp),
     )
     for line in epoch_warnings(train, "train") if train is not None else []:
         say(line)
@@ -104,6 +105,7 @@ def _build(cfg: Config, runtime: Runtime, log, say, exit_signal) -> Trainer:
             runtime.device,
             vocab_size=vocab,
             cycle=True,
+            context=(dims.local.cp, dims.cp),
         )
     writers = MetricWriters(cfg.logging, enabled=runtime.is_logging_rank, run_config=cfg.to_dict())
     local_params = sum(p.numel() for p in model.parameters())

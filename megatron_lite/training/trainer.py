@@ -5,6 +5,9 @@ of the global batch, across all microbatches and data-parallel ranks,
 
     L = sum_{all tokens t of the global batch} mask_t * loss_t / N,   N = sum mask_t (all-reduced over DP)
 
+(with context parallelism each rank holds part of every sequence: N and the gradients are summed
+over dp x cp, so the same objective holds token for token)
+
 as Megatron-core does with per-token loss. Microbatch ``m`` on a rank back-propagates
 ``sum_{t in m} mask_t * loss_t / N`` and the data-parallel reduce SUMS gradients. Since ``N`` is
 known before the first backward, the accumulated gradient equals that of one big batch exactly,
@@ -201,7 +204,9 @@ class Trainer:
             self.optimizer.step()
             self.scheduler.step()  # as Megatron: a skipped step does not advance the schedule
         self.scaler.update(skipped)
-        stats = rt.all_reduce_dp(loss_sum) / torch.tensor([1.0, rt.dims.dp, rt.dims.dp], device=rt.device)
+        # aux/z are the same on every cp rank (routing statistics are summed over the stage)
+        replicas = float(rt.dims.dp * rt.dims.cp)
+        stats = rt.all_reduce_dp(loss_sum) / torch.tensor([1.0, replicas, replicas], device=rt.device)
         aux, z = (float(stats[1]), float(stats[2])) if self.is_moe else (None, None)
         return StepResult(
             float(stats[0]) / max(num_tokens, 1.0), grad_norm, lr, skipped, int(num_tokens), aux, z
@@ -265,8 +270,7 @@ class Trainer:
                 self._log_interval(interval)  # the bad iteration's line, with its real loss
                 raise
             if self.iteration % self.cfg.logging.log_interval == 0 or self.iteration == tr.train_iters:
-                # the last iteration is logged even off the interval
-                self._log_interval(interval)
+                self._log_interval(interval)  # the last iteration is logged even off the interval
                 interval = _Interval()
             paused = time.perf_counter()  # evaluation and checkpoints do not count as iteration time
             if tr.eval_interval and self.iteration % tr.eval_interval == 0:

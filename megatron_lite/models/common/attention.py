@@ -9,6 +9,17 @@ from megatron_lite.models.common.attention_backends import AttentionMeta, causal
 from megatron_lite.models.common.rope import apply_rotary
 
 
+class AttentionCore(nn.Module):
+    """The kernel call: rotated q [b, s, nq, hd], k and v [b, s, nkv, hd] -> [b, s, nq, hd].
+
+    Its own submodule (no parameters) so that a context-parallel implementation can wrap or
+    replace exactly this step (ring/all-gather attention over sequence shards) and nothing else.
+    """
+
+    def forward(self, q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, meta: AttentionMeta) -> torch.Tensor:
+        return causal_attention(q, k, v, meta)  # [b, s, nq, hd]
+
+
 class Attention(nn.Module):
     """Causal GQA. ``wqkv`` rows are three blocks [Q: nq*hd ; K: nkv*hd ; V: nkv*hd].
 
@@ -34,6 +45,7 @@ class Attention(nn.Module):
         qkv_rows = (num_heads + 2 * num_kv_heads) * head_dim
         self.wqkv = nn.Linear(hidden_size, qkv_rows, bias=False, device=device, dtype=dtype)
         self.wo = nn.Linear(num_heads * head_dim, hidden_size, bias=False, device=device, dtype=dtype)
+        self.core = AttentionCore()
 
     def forward(
         self, x: torch.Tensor, rope: tuple[torch.Tensor, torch.Tensor], meta: AttentionMeta, cache=None
@@ -57,5 +69,5 @@ class Attention(nn.Module):
         if cache is not None:
             out = cache.attend(self.layer_idx, q, k, v)  # [b, s, nq, hd]
         else:
-            out = causal_attention(q, k, v, meta)  # [b, s, nq, hd]
+            out = self.core(q, k, v, meta)  # [b, s, nq, hd]
         return self.wo(out.reshape(b, s, self.num_heads * hd))

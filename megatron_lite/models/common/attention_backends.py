@@ -31,6 +31,8 @@ import torch
 import torch.nn.functional as F
 
 BACKENDS = ("auto", "flash", "flex", "sdpa", "sdpa_masked")
+# What ``training.attention_backend`` accepts (sdpa_masked is the fallback "auto" picks itself).
+SELECTABLE_BACKENDS = ("auto", "flash", "flex", "sdpa")
 FLASH_DTYPES = (torch.float16, torch.bfloat16)
 FLEX_BLOCK = 128  # FlexAttention's default sparse block size
 
@@ -55,6 +57,9 @@ class AttentionMeta:
     max_seqlen: int | None = None
     window: int | None = None
     backend: str = "auto"
+    # Context parallelism (a ``parallel.context.ContextParallel``): ``s`` is then this rank's two
+    # chunks and attention gathers K/V over the cp group (``attention_cp``).
+    cp: object = None
     # Backend and mask depend only on the shapes, the packing and the window, not on the layer:
     # resolved once per forward (FlexAttention block masks are not free to build) and reused.
     resolved: dict = field(default_factory=dict, repr=False)
@@ -69,6 +74,8 @@ class AttentionMeta:
         ``causal_attention`` calls it again and gets the same objects.
         """
         key = (b, s, dtype)
+        if key not in self.resolved and self.cp is not None:
+            self.resolved[key] = self._prepare_cp(b, s, device, dtype)
         if key not in self.resolved:
             window = self.window if self.window is not None and self.window < s else None
             backend = select_backend(self.backend, device, self.cu_seqlens is not None, window, dtype)
@@ -77,6 +84,17 @@ class AttentionMeta:
                 mask = self._shared_mask(backend, b, s, window, torch.device(device))
             self.resolved[key] = (backend, window, mask)
         return self.resolved[key]
+
+    def _prepare_cp(self, b: int, s: int, device, dtype) -> tuple[str, int | None, torch.Tensor]:
+        from megatron_lite.models.common.attention_cp import CP_BACKENDS, cp_mask
+
+        if self.backend not in CP_BACKENDS:
+            raise RuntimeError(
+                f"attention backend {self.backend!r} cannot serve context parallelism "
+                f"(cp {self.cp.size}); use one of {', '.join(CP_BACKENDS)}"
+            )
+        mask = cp_mask(self.cp, self.cu_seqlens, b, s, self.window, torch.device(device), dtype)
+        return "cp", self.window, mask
 
     def _shared_mask(self, backend: str, b: int, s: int, window: int | None, device: torch.device):
         """The microbatch's mask: built once, reused by other chunks' forwards on the same batch."""
@@ -177,6 +195,10 @@ def causal_attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, meta: At
     ``nq`` must be a multiple of ``nkv`` (grouped-query attention, MQA when ``nkv == 1``).
     """
     backend, window, mask = meta.prepare(q.shape[0], q.shape[1], q.device, q.dtype)
+    if backend == "cp":
+        from megatron_lite.models.common.attention_cp import cp_attention
+
+        return cp_attention(q, k, v, meta.cp, mask)
     if backend == "flash":
         return _flash(q, k, v, meta.cu_seqlens, meta.max_seqlen, window)
     qt, kt, vt = (t.transpose(1, 2) for t in (q, k, v))  # [b, heads, s, hd]

@@ -128,6 +128,8 @@ class MoE(nn.Module):
     trainer gives one microbatch's loss (e.g. ``1 / num_microbatches``).
     """
 
+    is_moe_layer = True  # how pipeline/ (which does not import models/) finds MoE layers
+
     def __init__(
         self,
         hidden_size: int,

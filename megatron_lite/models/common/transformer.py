@@ -21,6 +21,7 @@ from megatron_lite.models.common.mlp import MLP
 from megatron_lite.models.common.moe import MoE
 from megatron_lite.models.common.norm import RMSNorm
 from megatron_lite.models.common.rope import RotaryEmbedding
+from megatron_lite.parallel.context import global_positions
 
 
 class TransformerBlock(nn.Module):
@@ -29,6 +30,7 @@ class TransformerBlock(nn.Module):
     def __init__(self, cfg: ModelConfig, layer_idx: int, device=None, dtype=None):
         super().__init__()
         kw = dict(device=device, dtype=dtype)
+        self.window = cfg.layer_window(layer_idx)  # None: attends to the whole sequence
         self.attention_norm = RMSNorm(cfg.hidden_size, cfg.rms_norm_eps, **kw)
         self.attention = Attention(
             cfg.hidden_size, cfg.num_attention_heads, cfg.num_kv_heads, cfg.head_dim, layer_idx, **kw
@@ -87,6 +89,9 @@ class Transformer(nn.Module):
         self.output = nn.Linear(cfg.hidden_size, cfg.vocab_size, bias=False, **kw) if untied_head else None
         self.rope = RotaryEmbedding(cfg.head_dim, cfg.rope_theta)
         self.attention_backend = "auto"
+        # A ``parallel.context.ContextParallel`` set by ``parallelize`` when parallel.context > 1:
+        # the inputs are then this rank's two chunks of every sequence.
+        self.context_parallel = None
 
     def forward(
         self,
@@ -131,15 +136,25 @@ class Transformer(nn.Module):
         else:
             h = tokens_or_hidden
             b, s = position_ids.shape if position_ids is not None else h.shape[:2]
-        if position_ids is None:
+        if position_ids is None and self.context_parallel is not None:  # this rank's two chunks
+            cp = self.context_parallel
+            position_ids = global_positions(cp.rank, cp.size, s, h.device).unsqueeze(0).expand(b, s)
+        elif position_ids is None:
             position_ids = torch.arange(s, device=h.device).unsqueeze(0).expand(b, s)
         rope = self.rope(position_ids)  # cos, sin: [b, s, hd]
-        meta = AttentionMeta(cu_seqlens, max_seqlen, self.cfg.sliding_window, self.attention_backend)
-        if cache is None:  # generation attends through the cache, without these masks
-            meta.prepare(b, s, h.device, h.dtype)
-        blocks = self.layers.values() if layers is None else (self.layers[k] for k in layers)
+        blocks = list(self.layers.values() if layers is None else (self.layers[k] for k in layers))
+        # One AttentionMeta (backend, mask) per distinct window among these layers, built once per
+        # forward: alternating local/global layers share two masks, not one per layer.
+        metas = {}
         for layer in blocks:
-            h = layer(h, rope, meta, cache)
+            if layer.window not in metas:
+                metas[layer.window] = AttentionMeta(
+                    cu_seqlens, max_seqlen, layer.window, self.attention_backend, cp=self.context_parallel
+                )
+                if cache is None:  # generation attends through the cache, without these masks
+                    metas[layer.window].prepare(b, s, h.device, h.dtype)
+        for layer in blocks:
+            h = layer(h, rope, metas[layer.window], cache)
         if not post:
             return h
         h = self.norm(h)
@@ -174,7 +189,7 @@ def init_weights(model: nn.Module, cfg: ModelConfig, seed: int = 0) -> None:
     """Initialise every parameter of ``model`` in place by its canonical name (deterministic in ``seed``)."""
     gen = torch.Generator(device="cpu").manual_seed(seed)
     for name, param in model.named_parameters():
-        std = init_std_for(name, cfg)
+        std = cfg.family().init_std(name, cfg)
         if std is None:
             param.fill_(1.0)
         else:
