@@ -152,7 +152,7 @@ def _default_arch_line() -> int:
 
 def test_seams_for_what_comes_next():
     """Attention's kernel call is its own submodule; the styles' layer classes come from one place;
-    ParallelDims has a (refused) cp degree."""
+    ParallelDims has a cp degree (context parallelism itself: tests/test_context_parallel*.py)."""
     from megatron_lite.models.common.attention import AttentionCore
     from megatron_lite.parallel.layers import ColumnParallelLinear
     from megatron_lite.parallel.styles import LinearLayers, ParallelState
@@ -163,5 +163,4 @@ def test_seams_for_what_comes_next():
     assert LinearLayers().column is ColumnParallelLinear
     assert ParallelState(None, None, None).linears == LinearLayers()
     assert ParallelDims.build(4, tp=2, cp=1).dp == 2
-    with pytest.raises(ConfigError, match=r"context_parallel \(2\) is not supported yet"):
-        ParallelDims.build(4, tp=2, cp=2)
+    assert ParallelDims.build(4, tp=2, cp=2).cp == 2
