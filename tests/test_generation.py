@@ -5,9 +5,9 @@ from pathlib import Path
 
 import pytest
 import torch
+from conftest import tiny_model_config
 from transformers import MistralConfig, MistralForCausalLM, MixtralConfig, MixtralForCausalLM
 
-from megatron_lite.config import ModelConfig
 from megatron_lite.inference import (
     KVCache,
     UnsupportedCheckpointError,
@@ -25,19 +25,8 @@ VOCAB = 89
 
 
 def tiny_model(window=None, arch="mistral", seed=0):
-    cfg = ModelConfig(
-        arch=arch,
-        vocab_size=VOCAB,
-        hidden_size=32,
-        intermediate_size=48,
-        num_layers=2,
-        num_attention_heads=4,
-        num_kv_heads=2,
-        max_position_embeddings=128,
-        sliding_window=window,
-        num_experts=4,
-        top_k=2,
-        init_std=0.2,
+    cfg = tiny_model_config(
+        arch, vocab_size=VOCAB, max_position_embeddings=128, sliding_window=window, init_std=0.2
     )
     return build_model(cfg, seed=seed).eval()
 

@@ -4,6 +4,7 @@ import json
 
 import pytest
 import torch
+from conftest import tiny_model_config
 from safetensors.torch import load_file, save_file
 
 from megatron_lite.config import ModelConfig
@@ -23,21 +24,8 @@ from megatron_lite.models.hf_io import (
 
 
 def tiny_cfg(arch="mistral", **kw) -> ModelConfig:
-    base = dict(
-        arch=arch,
-        vocab_size=61,
-        hidden_size=16,
-        intermediate_size=24,
-        num_layers=2,
-        num_attention_heads=4,
-        num_kv_heads=2,
-        max_position_embeddings=64,
-        num_experts=3,
-        top_k=2,
-    )
-    cfg = ModelConfig(**{**base, **kw})
-    cfg.validate()
-    return cfg
+    base = dict(vocab_size=61, hidden_size=16, intermediate_size=24, num_experts=3)
+    return tiny_model_config(arch, **{**base, **kw})
 
 
 @pytest.fixture

@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import pytest
 import torch
+from conftest import tiny_model_config
 from dist_utils import run_distributed
 from transformers import AutoModelForCausalLM, LlamaConfig, LlamaForCausalLM
 
@@ -135,8 +136,8 @@ def test_bad_llama_configs(tmp_path):
 
 
 def test_init_is_layout_independent_and_builds_on_meta():
-    cfg = ModelConfig(arch="llama", vocab_size=64, hidden_size=32, num_layers=2, num_attention_heads=4,
-                      num_kv_heads=2, rope_scaling="llama3")  # fmt: skip
+    cfg = tiny_model_config("llama", vocab_size=64, intermediate_size=14336, max_position_embeddings=32768,
+                            num_experts=8, rope_scaling="llama3")  # fmt: skip
     a, b = build_model(cfg, seed=5), build_model(cfg, seed=5)
     assert all(torch.equal(x, y) for x, y in zip(a.state_dict().values(), b.state_dict().values()))
     assert type(build_model(cfg, "meta")).__name__ == "LlamaModel"

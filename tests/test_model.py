@@ -4,6 +4,7 @@ import math
 
 import pytest
 import torch
+from conftest import tiny_model_config
 
 from megatron_lite.config import ConfigError, ModelConfig
 from megatron_lite.models import build_model, init_std_for
@@ -16,19 +17,8 @@ from megatron_lite.models.common.attention_backends import (
 
 
 def tiny_cfg(**kw) -> ModelConfig:
-    base = dict(
-        vocab_size=97,
-        hidden_size=32,
-        intermediate_size=64,
-        num_layers=2,
-        num_attention_heads=4,
-        num_kv_heads=2,
-        max_position_embeddings=256,
-    )
-    base.update(kw)
-    cfg = ModelConfig(**base)
-    cfg.validate()
-    return cfg
+    base = dict(vocab_size=97, intermediate_size=64, max_position_embeddings=256, num_experts=8)
+    return tiny_model_config(**{**base, **kw})
 
 
 def naive_attention(q, k, v, doc, window):

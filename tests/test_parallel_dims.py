@@ -5,6 +5,7 @@ from __future__ import annotations
 import itertools
 
 import pytest
+from conftest import tiny_model_config
 
 from megatron_lite.config import ConfigError, ModelConfig, ParallelConfig
 from megatron_lite.parallel import ParallelDims, validate_layout
@@ -116,17 +117,13 @@ def _model(**kw) -> ModelConfig:
         vocab_size=250,
         hidden_size=64,
         intermediate_size=128,
-        num_layers=2,
         num_attention_heads=32,
         num_kv_heads=8,
         num_experts=8,
-        top_k=2,
         head_dim=16,
+        max_position_embeddings=32768,
     )
-    base.update(kw)
-    cfg = ModelConfig(**base)
-    cfg.validate()
-    return cfg
+    return tiny_model_config(**{**base, **kw})
 
 
 @pytest.mark.parametrize(

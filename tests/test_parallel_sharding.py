@@ -6,6 +6,7 @@ import math
 
 import pytest
 import torch
+from conftest import tiny_model_config
 
 from megatron_lite.config import ModelConfig
 from megatron_lite.parallel import (
@@ -22,19 +23,15 @@ HD = 16
 
 
 def _cfg(arch="mixtral", kv=2, tie=False) -> ModelConfig:
-    cfg = ModelConfig(
-        arch=arch,
+    cfg = tiny_model_config(
+        arch,
         vocab_size=250,
         hidden_size=64,
         intermediate_size=128,
-        num_layers=2,
-        num_attention_heads=4,
         num_kv_heads=kv,
-        num_experts=4,
-        top_k=2,
+        max_position_embeddings=32768,
         tie_embeddings=tie,
     )
-    cfg.validate()
     return cfg
 
 

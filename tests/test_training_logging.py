@@ -6,6 +6,7 @@ import re
 
 import pytest
 import torch
+from conftest import tiny_model_config
 
 from megatron_lite.config import ConfigError, LoggingConfig, ModelConfig
 from megatron_lite.models import build_model
@@ -34,19 +35,8 @@ VALID_RE = re.compile(
 
 
 def tiny_model_cfg(**kw) -> ModelConfig:
-    base = dict(
-        vocab_size=256,
-        hidden_size=64,
-        intermediate_size=128,
-        num_layers=2,
-        num_attention_heads=4,
-        num_kv_heads=2,
-        max_position_embeddings=64,
-    )
-    base.update(kw)
-    cfg = ModelConfig(**base)
-    cfg.validate()
-    return cfg
+    base = dict(vocab_size=256, hidden_size=64, intermediate_size=128, num_experts=8)
+    return tiny_model_config(**{**base, **kw})
 
 
 def stats(**kw) -> TrainLogStats:

@@ -6,8 +6,9 @@ import math
 
 import pytest
 import torch
+from conftest import tiny_model_config
 
-from megatron_lite.config import ModelConfig, OptimizerConfig
+from megatron_lite.config import OptimizerConfig
 from megatron_lite.models import build_model
 from megatron_lite.training.lr_schedule import LRScheduler, build_scheduler
 from megatron_lite.training.optimizer import (
@@ -57,14 +58,8 @@ def test_scheduler_drives_optimizer_and_resumes():
 
 
 def test_no_weight_decay_for_norms_and_biases():
-    cfg = ModelConfig(
-        vocab_size=64,
-        hidden_size=32,
-        intermediate_size=64,
-        num_layers=2,
-        num_attention_heads=4,
-        num_kv_heads=2,
-        max_position_embeddings=32,
+    cfg = tiny_model_config(
+        "mistral", vocab_size=64, intermediate_size=64, max_position_embeddings=32, num_experts=8
     )
     model = build_model(cfg)
     groups = param_groups(model.named_parameters(), 0.1)
