@@ -12,6 +12,7 @@ from __future__ import annotations
 import pytest
 import torch
 import torch.distributed as dist
+from conftest import tiny_model_config
 from dist_utils import run_distributed
 
 from megatron_lite.config import ConfigError, ModelConfig, ParallelConfig
@@ -59,10 +60,14 @@ def test_load_balanced_split_and_gather_order():
 
 
 def test_invalid_cp_layouts_refused():
-    cfg = ModelConfig(
-        hidden_size=64, intermediate_size=128, num_layers=2, num_attention_heads=4, num_kv_heads=2
+    cfg = tiny_model_config(
+        "mistral",
+        vocab_size=32000,
+        hidden_size=64,
+        intermediate_size=128,
+        max_position_embeddings=32768,
+        num_experts=8,
     )
-    cfg.validate()
     with pytest.raises(
         ConfigError, match=r"data.seq_length \(36\) is not divisible by 2 x parallel.context \(4\) = 8"
     ):
@@ -88,21 +93,7 @@ def _packed_batch():
 
 
 def _config(arch: str, window: int | None) -> ModelConfig:
-    cfg = ModelConfig(
-        arch=arch,
-        vocab_size=VOCAB,
-        hidden_size=32,
-        intermediate_size=64,
-        num_layers=2,
-        num_attention_heads=4,
-        num_kv_heads=2,
-        num_experts=4,
-        top_k=2,
-        max_position_embeddings=64,
-        sliding_window=window,
-    )
-    cfg.validate()
-    return cfg
+    return tiny_model_config(arch, vocab_size=VOCAB, intermediate_size=64, sliding_window=window)
 
 
 def check_cp(world: int, arch: str, cp: int, window: int | None = None, tp: int = 1, sp: bool = False):

@@ -13,6 +13,7 @@ from pathlib import Path
 
 import pytest
 import torch
+from conftest import tiny_model_config
 from dist_utils import run_distributed
 from test_training_parallel import _trainer
 
@@ -38,16 +39,8 @@ def _hf_logits(path: Path, tokens: torch.Tensor) -> torch.Tensor:
 
 
 def _tiny_hf(path: Path, **overrides) -> ModelConfig:
-    fields = dict(
-        vocab_size=200,
-        hidden_size=64,
-        intermediate_size=96,
-        num_layers=4,
-        num_attention_heads=4,
-        num_kv_heads=2,
-        max_position_embeddings=64,
-    )
-    cfg = ModelConfig(**{**fields, **overrides})
+    fields = dict(vocab_size=200, hidden_size=64, intermediate_size=96, num_layers=4, num_experts=8)
+    cfg = tiny_model_config(**{**fields, **overrides})
     save_hf(build_model(cfg, "cpu", dtype=torch.float32, seed=3), path)
     return cfg
 
@@ -136,7 +129,7 @@ def _parallel_body(rank: int, world_size: int, root: str) -> None:
 def test_tensor_parallel_checkpoint_and_initial_load(tmp_path):
     """tp=2 and pp=2 runs' sharded checkpoints reassemble to the one-process run's weights; tp=2,
     pp=2 and one process start identically from an HF directory given as training.initial_load."""
-    save_hf(build_model(ModelConfig(**HF_TINY, max_position_embeddings=64), "cpu", seed=5), tmp_path / "hf")
+    save_hf(build_model(tiny_model_config(**HF_TINY, num_experts=8), "cpu", seed=5), tmp_path / "hf")
     _run(["--training.train_iters", "2", "--training.save", str(tmp_path / "tp1")], 1)
     reference = _run(["--training.train_iters", "2", "--training.initial_load", str(tmp_path / "hf")], 1)
     run_distributed(_parallel_body, 2, str(tmp_path))
@@ -155,7 +148,8 @@ def test_tensor_parallel_checkpoint_and_initial_load(tmp_path):
 
 
 def test_initial_load_rejects_other_shapes(tmp_path):
-    save_hf(build_model(ModelConfig(**{**HF_TINY, "hidden_size": 32}), "cpu", seed=5), tmp_path / "hf")
+    cfg = tiny_model_config(**{**HF_TINY, "hidden_size": 32}, max_position_embeddings=32768, num_experts=8)
+    save_hf(build_model(cfg, "cpu", seed=5), tmp_path / "hf")
     with pytest.raises(CheckpointError, match="hidden_size is 32 there but 64"):
         _trainer(["--training.initial_load", str(tmp_path / "hf")], 1)
 

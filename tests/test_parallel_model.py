@@ -14,6 +14,7 @@ import pytest
 import torch
 import torch.distributed as dist
 import torch.nn.functional as F
+from conftest import tiny_model_config
 from dist_utils import run_distributed
 
 from megatron_lite.config import ModelConfig, ParallelConfig
@@ -34,24 +35,8 @@ BATCH, SEQ, VOCAB = 4, 16, 250  # 250: not a multiple of 128, so vocabulary padd
 
 
 def tiny_config(arch: str, **overrides) -> ModelConfig:
-    cfg = ModelConfig(
-        arch=arch,
-        vocab_size=VOCAB,
-        hidden_size=64,
-        intermediate_size=128,
-        num_layers=2,
-        num_attention_heads=4,
-        num_kv_heads=2,
-        num_experts=4,
-        top_k=2,
-        aux_loss_coeff=0.01,
-        z_loss_coeff=0.001,
-        max_position_embeddings=64,
-    )
-    for key, value in overrides.items():
-        setattr(cfg, key, value)
-    cfg.validate()
-    return cfg
+    base = dict(vocab_size=VOCAB, hidden_size=64, intermediate_size=128)
+    return tiny_model_config(arch, **{**base, **overrides})
 
 
 def _batch():

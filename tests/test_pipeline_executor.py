@@ -13,9 +13,10 @@ from __future__ import annotations
 import pytest
 import torch
 import torch.distributed as dist
+from conftest import tiny_model_config
 from dist_utils import run_distributed
 
-from megatron_lite.config import Config, DataConfig, ModelConfig, ParallelConfig, TrainingConfig
+from megatron_lite.config import Config, DataConfig, ParallelConfig, TrainingConfig
 from megatron_lite.data.batching import make_batch
 from megatron_lite.models import build_model
 from megatron_lite.parallel import ParallelDims, load_full_state_dict, materialize_local, parallelize
@@ -34,19 +35,11 @@ TOL = dict(atol=1e-5, rtol=1e-5)
 
 
 def make_config(arch: str, num_layers: int, mbs: int, **parallel) -> Config:
-    model = ModelConfig(
-        arch=arch,
+    model = tiny_model_config(
+        arch,
         vocab_size=VOCAB,
-        hidden_size=32,
         intermediate_size=64,
         num_layers=num_layers,
-        num_attention_heads=4,
-        num_kv_heads=2,
-        num_experts=4,
-        top_k=2,
-        aux_loss_coeff=0.01,
-        z_loss_coeff=0.001,
-        max_position_embeddings=64,
         tie_embeddings=parallel.pop("tie", False),
     )
     cfg = Config(
