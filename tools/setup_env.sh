@@ -12,7 +12,12 @@ if ! $PY -c "import importlib.util as u, sys; sys.exit(u.find_spec('torch') is N
 fi
 STAMP_FILE=megatron_lite/.build_stamp
 want=$($PY csrc/build_config.py stamp)
+HERE=$PWD
+# Up to date: the stamp matches, the installed package is this checkout (not another clone's
+# editable install) and its _C imports.
 if [ -f "$STAMP_FILE" ] && [ "$(cat "$STAMP_FILE")" = "$want" ] \
+    && (cd / && $PY -c "import os, sys, megatron_lite as M
+sys.exit(os.path.realpath(os.path.dirname(M.__file__)) != os.path.realpath(sys.argv[1]))" "$HERE/megatron_lite") 2>/dev/null \
     && $PY -c "import importlib.metadata as m; m.distribution('megatron_lite'); import megatron_lite._C as C
 print('[setup] megatron_lite._C is up to date (csrc/, setup.py and torch unchanged): not rebuilding;',
       'with_cuda =', C.with_cuda)" 2>/dev/null; then
