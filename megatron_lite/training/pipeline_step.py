@@ -26,7 +26,7 @@ class PipelineStep:
 
     Args:
         cfg: the run's config (``parallel.schedule``, ``virtual_pipeline``, shapes).
-        runtime: this rank's runtime (pipeline group, device, autocast).
+        runtime: this rank's runtime (pipeline group, device, precision).
         model: this rank's model (all layers of its chunks; see ``pipeline.stages``).
     """
 
@@ -58,7 +58,6 @@ class PipelineStep:
                 self.shape,
                 self.dtype,
                 self.runtime.device,
-                forward_context=self.runtime.autocast,
             )
         return self._executors[key]
 

@@ -18,8 +18,7 @@ copied into the optimizer's fp32 main parameters, then cast to the compute dtype
 
 No autocast: with bf16 weights it would only decide the dtype of the few ops that want fp32, and
 those say so explicitly instead: RMSNorm and RoPE compute in fp32 and return the input dtype, the
-router's softmax/top-k and the cross entropy run on fp32 copies of their logits. ``autocast()`` is
-therefore a no-op kept as the forward-context hook of the trainer and the pipeline executor.
+router's softmax/top-k and the cross entropy run on fp32 copies of their logits.
 Memory per parameter: 2 (bf16 weight) + 4 (main grad) + 4 (main param) + 8 (Adam), with the
 distributed optimizer 2 + 4 + 12/dp (``benchmarks/bench_memory.py``). fp32 precision keeps fp32
 parameters stepped directly by AdamW (4 + 4 + 8/dp with the distributed optimizer).
@@ -30,7 +29,6 @@ creates no process groups); there is no module-level state.
 
 from __future__ import annotations
 
-import contextlib
 import datetime
 import os
 import random
@@ -176,10 +174,6 @@ class Runtime:
     def dtype(self) -> torch.dtype:
         """The compute (parameter and activation) dtype."""
         return DTYPES[self.precision]
-
-    def autocast(self) -> contextlib.AbstractContextManager:
-        """Context of forward passes: a no-op (the weights carry the dtype; module docstring)."""
-        return contextlib.nullcontext()
 
     def all_reduce_dp(self, t: torch.Tensor) -> torch.Tensor:
         """Sum ``t`` in place over the dp x cp group (identity on one process).

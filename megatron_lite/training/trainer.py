@@ -55,13 +55,12 @@ from megatron_lite.training.runtime import Runtime
 
 def microbatch_loss_sum(model: nn.Module, batch, runtime: Runtime) -> torch.Tensor:
     """Forward one microbatch; return ``sum(token_loss * loss_mask)`` as an fp32 scalar (with graph)."""
-    with runtime.autocast():
-        logits = model(
-            batch.tokens,
-            position_ids=batch.position_ids,
-            cu_seqlens=batch.cu_seqlens,
-            max_seqlen=batch.max_seqlen,
-        )
+    logits = model(
+        batch.tokens,
+        position_ids=batch.position_ids,
+        cu_seqlens=batch.cu_seqlens,
+        max_seqlen=batch.max_seqlen,
+    )
     return masked_loss_sum(logits, batch.labels, batch.loss_mask, model)
 
 
