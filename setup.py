@@ -107,6 +107,8 @@ setup(
     extras_require={
         "test": [
             "pytest",
+            # A hung test fails after pyproject's `timeout` instead of stalling the suite.
+            "pytest-timeout",
             "transformers",
             "ruff",
             "mistral-common",

@@ -16,11 +16,15 @@ from __future__ import annotations
 
 import os
 import socket
+import time
 import traceback
+from multiprocessing import connection as mp_connection
 
 import torch
 import torch.distributed as dist
 import torch.multiprocessing as mp
+
+_FAILURE_GRACE_S = 10.0  # time the other ranks get to report their own error after one fails
 
 
 def free_port() -> int:
@@ -47,7 +51,12 @@ def _worker(rank, world_size, port, fn, args, errors):
 
 
 def run_distributed(fn, world_size: int, *args, timeout: float = 300.0) -> None:
-    """Spawn ``world_size`` gloo processes running ``fn(rank, world_size, *args)``."""
+    """Spawn ``world_size`` gloo processes running ``fn(rank, world_size, *args)``.
+
+    ``timeout`` bounds the whole run. As soon as one rank fails (reports an error or exits
+    non-zero) the others get a short grace to report, then are killed: they would otherwise wait
+    in a collective that can never complete, and the suite would stall for the full timeout.
+    """
     ctx = mp.get_context("spawn")
     errors = ctx.SimpleQueue()
     port = free_port()
@@ -57,15 +66,26 @@ def run_distributed(fn, world_size: int, *args, timeout: float = 300.0) -> None:
     ]
     for p in procs:
         p.start()
-    for p in procs:
-        p.join(timeout)
+    deadline = time.monotonic() + timeout
+    failed_at = None
+    while True:
+        live = [p for p in procs if p.exitcode is None]
+        if not live:
+            break
+        now = time.monotonic()
+        if failed_at is None and (not errors.empty() or any(p.exitcode not in (None, 0) for p in procs)):
+            failed_at = now
+        if now > deadline or (failed_at is not None and now > failed_at + _FAILURE_GRACE_S):
+            break
+        mp_connection.wait([p.sentinel for p in live], timeout=0.2)
     alive = [p for p in procs if p.is_alive()]
     for p in alive:
         p.kill()
+        p.join()
     if not errors.empty():
         rank, tb = errors.get()
         raise AssertionError(f"rank {rank} failed:\n{tb}")
-    if alive:
+    if alive and failed_at is None:
         raise AssertionError(f"{len(alive)} rank(s) hung past {timeout}s")
     bad = [p.exitcode for p in procs if p.exitcode != 0]
     if bad:

@@ -7,4 +7,4 @@ PY=${PYTHON:-python3}
 echo "[tests] ruff"
 $PY -m ruff check megatron_lite tools tests benchmarks examples setup.py
 echo "[tests] pytest"
-OMP_NUM_THREADS=${OMP_NUM_THREADS:-1} $PY -m pytest -q tests "$@"
+OMP_NUM_THREADS=${OMP_NUM_THREADS:-1} $PY -m pytest -q --durations=15 tests "$@"

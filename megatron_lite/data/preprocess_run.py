@@ -167,13 +167,15 @@ def run_partition(
     stats = Stats()
     tokenizer = build_tokenizer(opts.tokenizer_type, opts.tokenizer_model)
     dedup = Deduplicator(opts)
-    sink = DatasetSink(prefix, opts, optimal_dtype(tokenizer.vocab_size), tokenizer.pad, stats)
-    chunks = chunked(_line_stream(units, opts, stats), opts.chunk_lines)
-    start, next_log = time.time(), opts.log_interval
-    pool = None
+    # The pool is forked before any output file is open: workers must not inherit the temporary
+    # files' descriptors (a file still open in a worker survives its removal on NFS-like mounts).
+    pool = pool_context().Pool(workers, initializer=init_worker, initargs=(opts,)) if workers > 1 else None
+    sink = None
     try:
-        if workers > 1:
-            pool = pool_context().Pool(workers, initializer=init_worker, initargs=(opts,))
+        sink = DatasetSink(prefix, opts, optimal_dtype(tokenizer.vocab_size), tokenizer.pad, stats)
+        chunks = chunked(_line_stream(units, opts, stats), opts.chunk_lines)
+        start, next_log = time.time(), opts.log_interval
+        if pool is not None:
             results = pool.imap(encode_chunk, chunks)
         else:
             encoder = Encoder(opts)
@@ -192,9 +194,12 @@ def run_partition(
         if pool is not None:
             pool.close()
     except BaseException:
-        sink.abort()
-        if pool is not None:
+        if pool is not None:  # stop the workers first, then remove what was written
             pool.terminate()
+            pool.join()
+            pool = None
+        if sink is not None:
+            sink.abort()
         raise
     finally:
         if pool is not None:
