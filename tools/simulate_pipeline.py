@@ -108,6 +108,11 @@ def _add_dp_args(p: argparse.ArgumentParser) -> None:
     g.add_argument("--num-layers", type=int, help="model layers (with --model-params)")
     g.add_argument("--tp", type=int, default=1, help="tensor-parallel size dividing a chunk (default 1)")
     g.add_argument("--bytes-per-param", type=float, default=2.0, help="gathered dtype size (default 2, bf16)")
+    g.add_argument(
+        "--no-overlap-reduce",
+        action="store_true",
+        help="reduce-scatter all gradients after the last backward (Megatron-LM without overlap_grad_reduce)",
+    )
     g.add_argument("--t-optimizer", type=float, default=0.0, help="optimizer step time in ms (default 0)")
     g.add_argument(
         "--dp-table",
@@ -140,6 +145,7 @@ def dp_comm_from_args(args: argparse.Namespace, zero: int | None = None) -> Data
         bandwidth=args.dp_bandwidth * 1e6,  # GB/s -> bytes per ms
         latency=args.dp_latency / 1e3,  # us -> ms
         t_optimizer=args.t_optimizer,
+        overlap_reduce=not args.no_overlap_reduce,
     )
 
 

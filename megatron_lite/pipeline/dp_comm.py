@@ -30,6 +30,9 @@ What is issued, per rank and step (chunk = one of the rank's ``vpp`` model chunk
   the optimizer step the updated weights are all-gathered, one collective per chunk,
   *not* overlapped with anything (Megatron's distributed optimizer without
   ``overlap_param_gather``), so they add to the step time.
+* ``overlap_reduce=False`` (either stage) holds every reduce-scatter until the rank's last
+  compute ends: Megatron-LM's data parallelism before ``overlap_grad_reduce``, the baseline the
+  paper measured against.
 """
 
 from __future__ import annotations
@@ -57,6 +60,9 @@ class DataParallelComm:
         bandwidth: Bytes per simulator time unit per rank (``math.inf``: free transfers).
         latency: Time per ring step, in simulator time units.
         t_optimizer: Optimizer step time, after the last reduce-scatter.
+        overlap_reduce: Issue each chunk's reduce-scatter right after its last backward (the
+            default, as the executor does). False: all of them after the rank's last compute,
+            as Megatron-LM did before ``overlap_grad_reduce`` (the paper's baseline).
     """
 
     dp: int
@@ -66,6 +72,7 @@ class DataParallelComm:
     bandwidth: float = math.inf
     latency: float = 0.0
     t_optimizer: float = 0.0
+    overlap_reduce: bool = True
 
     def __post_init__(self) -> None:
         if not isinstance(self.dp, int) or self.dp < 1:
@@ -183,12 +190,15 @@ class DataParallelStreams:
     def after_compute(self, rank: int, pos: int, end: float) -> None:
         """Issue a chunk's gradient reduce-scatter after its last backward."""
         st = self.streams[rank]
-        if pos in st.reduce_at:
+        if pos in st.reduce_at and self.cfg.overlap_reduce:
             st.issue(end, self.cfg.t_reduce, "reduce_scatter", st.reduce_at[pos])
 
     def finish(self, rank: int, clock: float) -> float:
         """End of the rank's step: optimizer after the last reduce-scatter (+ ZeRO-1 gathers)."""
         st = self.streams[rank]
+        if not self.cfg.overlap_reduce:
+            for pos in sorted(st.reduce_at):
+                st.issue(clock, self.cfg.t_reduce, "reduce_scatter", st.reduce_at[pos])
         st.issue(clock, self.cfg.t_optimizer, "optimizer", -1)
         if self.cfg.zero == 1:
             for chunk in sorted({a.chunk for a in self.actions[rank] if not a.is_comm}):
