@@ -209,7 +209,7 @@ def _format_dp(dp: dict | None) -> list[str]:
     return [
         f"  data parallel     dp={dp['dp']} ZeRO-{dp['zero']}: all-gather {dp['t_all_gather']:.3g}, "
         f"reduce-scatter {dp['t_reduce_scatter']:.3g} per chunk; "
-        f"{max(dp['all_gathers_per_rank'])} all-gathers on rank 0..; compute ends at "
+        f"at most {max(dp['all_gathers_per_rank'])} all-gathers per rank; compute ends at "
         f"{max(dp['compute_end']):g}",
     ]
 
