@@ -180,3 +180,13 @@ def test_paper_table_script_runs_small():
     assert rows[1]["interleaved zero3"]["all_gathers"] == 8
     assert "over best IL" in bench.to_markdown(rows)
     assert rows[1]["interleaved zero1 no overlap"]["step_ms"] > rows[1]["interleaved zero1"]["step_ms"]
+
+
+def test_plot_draws_the_dp_stream(tmp_path):
+    pytest.importorskip("matplotlib")
+    from megatron_lite.pipeline.plotting import plot_timeline
+
+    r = simulate(build_schedule("breadth-first", 2, 2, 2), dp_comm=_comm(3, t=0.5))
+    out = tmp_path / "dp.png"
+    plot_timeline(r, str(out), title="dp")
+    assert out.read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
