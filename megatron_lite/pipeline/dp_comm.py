@@ -23,8 +23,10 @@ What is issued, per rank and step (chunk = one of the rank's ``vpp`` model chunk
   and freed after it. Gathers are prefetched one pass ahead: the gather of pass ``i + 1`` is
   issued when pass ``i`` starts computing (pass 0's at time 0), as FSDP's forward/backward
   prefetch does. The gradients of a chunk are reduce-scattered once, issued when its last
-  backward of the step ends; then the optimizer step (``t_optimizer``) runs when the stream is
-  drained. Nothing else: the next step's gathers belong to the next step.
+  backward of the step ends (so interleaved keeps a chunk's unsharded gradient between its
+  backward passes; a reduce-scatter per backward pass would add ``passes - 1`` per chunk);
+  then the optimizer step (``t_optimizer``) runs when the stream is drained. Nothing else:
+  the next step's gathers belong to the next step.
 * ZeRO-1 (``optimizer``): no gathers during the step (full weights everywhere); the same
   reduce-scatter per chunk after its last backward, overlapping the remaining compute; after
   the optimizer step the updated weights are all-gathered, one collective per chunk,
