@@ -14,11 +14,34 @@ def matplotlib_available() -> bool:
     return True
 
 
+_DP_COLORS = {"all_gather": "dimgray", "reduce_scatter": "tab:blue"}
+
+
+def _draw_dp_streams(ax, result: SimulationResult, pp: int) -> None:
+    """A thin strip under every rank's row: its data-parallel collectives."""
+    for rank, events in enumerate(result.dp_events):
+        y = pp - 1 - rank - 0.5
+        for e in events:
+            if e.kind in _DP_COLORS and e.end > e.start:
+                ax.barh(y, e.end - e.start, left=e.start, height=0.16, color=_DP_COLORS[e.kind], linewidth=0)
+                ax.text(
+                    (e.start + e.end) / 2,
+                    y,
+                    str(e.chunk),
+                    ha="center",
+                    va="center",
+                    fontsize=5,
+                    color="white",
+                )
+
+
 def plot_timeline(result: SimulationResult, path: str, title: str = "") -> None:
     """Draw one row per rank, a bar per compute action, and save it as an image.
 
     Colour encodes the microbatch; forwards are solid, backwards lighter and hatched. Each bar
-    is labelled with its microbatch (and ``.chunk`` when there are several chunks).
+    is labelled with its microbatch (and ``.chunk`` when there are several chunks). With
+    data-parallel comm simulated, a thin strip under each rank shows its DP stream (all-gathers
+    dark, reduce-scatters blue, labelled with the chunk).
 
     Args:
         result: Output of :func:`~megatron_lite.pipeline.simulator.simulate`.
@@ -60,6 +83,7 @@ def plot_timeline(result: SimulationResult, path: str, title: str = "") -> None:
             )
             label = f"{iv.microbatch}" + (f".{iv.chunk}" if chunks > 1 else "")
             ax.text((iv.start + iv.end) / 2, y, label, ha="center", va="center", fontsize=7)
+    _draw_dp_streams(ax, result, pp)
     ax.set_yticks(range(pp), [f"rank {r}" for r in reversed(range(pp))])
     ax.set_xlim(0, result.step_time)
     ax.set_xlabel("time    (bar label: microbatch" + (".chunk)" if chunks > 1 else ")"))
@@ -67,6 +91,8 @@ def plot_timeline(result: SimulationResult, path: str, title: str = "") -> None:
         Patch(facecolor="lightgray", edgecolor="black", label="forward"),
         Patch(facecolor="lightgray", edgecolor="black", hatch="//", alpha=0.55, label="backward"),
     ]
+    if any(result.dp_events):
+        legend += [Patch(facecolor=c, label=k.replace("_", "-")) for k, c in _DP_COLORS.items()]
     ax.legend(handles=legend, loc="upper right", fontsize=8, bbox_to_anchor=(1.0, 1.18), ncol=2)
     stats = f"step {result.step_time:g}, bubble {100 * result.bubble_fraction:.1f}%"
     ax.set_title(f"{title}  ({stats})" if title else stats, loc="left", fontsize=10)

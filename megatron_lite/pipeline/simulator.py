@@ -16,6 +16,10 @@ Two executor models (``mode``):
   (a send needs its receive posted, as NCCL). The strictest model: a schedule that does not
   deadlock here does not deadlock on any executor following the posting rule.
 
+With ``dp_comm`` (see ``dp_comm.py``) every rank also has a data-parallel stream: ZeRO-3
+per-chunk weight all-gathers (prefetched one pass ahead; compute waits for an unfinished one)
+and per-chunk gradient reduce-scatters overlap compute; the step ends when the stream drains.
+
 It checks that every receive has its matching send (per directed channel, in order), that
 every compute action has its inputs (a forward its activation, a backward its forward and its
 output gradient), runs once, and reports a deadlock with the blocked ranks and actions.
@@ -26,6 +30,7 @@ from __future__ import annotations
 from dataclasses import asdict, dataclass, field
 
 from megatron_lite.pipeline.actions import Action, Schedule, check_pairing, message_key
+from megatron_lite.pipeline.dp_comm import CommEvent, DataParallelComm, DataParallelStreams
 from megatron_lite.pipeline.placement import virtual_stage
 
 MODES = ("async", "rendezvous")
@@ -70,6 +75,9 @@ class SimulationResult:
             i.e. forwards done whose backward has not run yet.
         timelines: Per rank, the compute intervals in execution order.
         busy_time: Per rank, the total compute time.
+        dp_events: Per rank, the data-parallel collectives (empty without ``dp_comm``).
+        compute_end: Per rank, when its last compute action ended (step_time also waits for
+            the data-parallel stream).
     """
 
     step_time: float
@@ -77,6 +85,8 @@ class SimulationResult:
     peak_activations: list[int]
     timelines: list[list[Interval]] = field(repr=False)
     busy_time: list[float] = field(repr=False)
+    dp_events: list[list[CommEvent]] = field(default_factory=list, repr=False)
+    compute_end: list[float] = field(default_factory=list, repr=False)
 
     def to_dict(self) -> dict:
         """JSON-friendly dict of the result."""
@@ -117,8 +127,17 @@ class _Simulation:
     order does not change the result.
     """
 
-    def __init__(self, schedule: Schedule, durations: dict[str, float], t_comm: float, vpp: int, mode: str):
+    def __init__(
+        self,
+        schedule: Schedule,
+        durations: dict[str, float],
+        t_comm: float,
+        vpp: int,
+        mode: str,
+        dp_comm: DataParallelComm | None = None,
+    ):
         self.pp, self.vpp, self.t_comm, self.mode = len(schedule), vpp, t_comm, mode
+        self.dp = None if dp_comm is None else DataParallelStreams(dp_comm, schedule)
         self.duration = durations
         self.ranks = [_Rank(list(actions)) for actions in schedule]
         # Post time of the send ("S", key) / receive ("R", key) of every message posted so far.
@@ -170,13 +189,17 @@ class _Simulation:
             return None
         return max(st.clock, max(sent, self.posted[("R", msg)]) + self.t_comm)
 
-    def _compute(self, st: _Rank, a: Action, start: float) -> None:
+    def _compute(self, rank: int, st: _Rank, a: Action, start: float) -> None:
+        if self.dp is not None:  # wait for this chunk's weights to be gathered
+            start = self.dp.before_compute(rank, st.pc, start)
         key = (a.chunk, a.microbatch)
         (st.fwd_done if a.kind == "F" else st.bwd_done).add(key)
         st.live += 1 if a.kind == "F" else -1
         st.peak = max(st.peak, st.live)
         end = start + self.duration[a.kind]
         st.timeline.append(Interval(start, end, a.kind, a.chunk, a.microbatch))
+        if self.dp is not None:
+            self.dp.after_compute(rank, st.pc, end)
         st.clock = end
         st.pc += 1
 
@@ -238,7 +261,7 @@ class _Simulation:
                         start = self._start_time(rank, st, a)
                         if start is None:
                             break
-                        self._compute(st, a, start)
+                        self._compute(rank, st, a, start)
                     progressed = True
             if not progressed:
                 raise PipelineDeadlock(self._blocked())
@@ -257,6 +280,7 @@ def simulate(
     vpp: int | None = None,
     mode: str = "async",
     check_order: bool = True,
+    dp_comm: DataParallelComm | None = None,
 ) -> SimulationResult:
     """Simulate one training step of a pipeline schedule.
 
@@ -271,6 +295,8 @@ def simulate(
             its messages has been transferred, sends included (the strictest executor).
         check_order: Check that each channel's sends and receives pair up in order (as NCCL
             needs). Messages are matched by identity either way.
+        dp_comm: Data-parallel communication (ZeRO-1/3 collectives on a separate stream per
+            rank, see ``dp_comm.py``); None: no data-parallel communication.
 
     Returns:
         The step time, bubble fraction, peak activations and timelines.
@@ -289,9 +315,11 @@ def simulate(
     vpp = vpp or infer_vpp(schedule)
     # The given times are for a whole stage; each of the vpp chunks holds 1/vpp of its layers.
     durations = {"F": t_fwd / vpp, "B": t_bwd / vpp}
-    sim = _Simulation(schedule, durations, t_comm, vpp, mode)
+    sim = _Simulation(schedule, durations, t_comm, vpp, mode, dp_comm)
     sim.run()
-    step = max((st.clock for st in sim.ranks), default=0.0)
+    compute_end = [st.clock for st in sim.ranks]
+    ends = compute_end if sim.dp is None else [sim.dp.finish(r, t) for r, t in enumerate(compute_end)]
+    step = max(ends, default=0.0)
     busy = [sum(iv.end - iv.start for iv in st.timeline) for st in sim.ranks]
     bubble = 1.0 - sum(busy) / (len(sim.ranks) * step) if step > 0 else 0.0
     return SimulationResult(
@@ -300,4 +328,6 @@ def simulate(
         peak_activations=[st.peak for st in sim.ranks],
         timelines=[st.timeline for st in sim.ranks],
         busy_time=busy,
+        dp_events=[] if sim.dp is None else [s.events for s in sim.dp.streams],
+        compute_end=compute_end,
     )
