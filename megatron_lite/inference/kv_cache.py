@@ -56,10 +56,12 @@ class KVCache:
         self._v = {i: torch.zeros(shape, device=device, dtype=dtype) for i in layer_ids}
         self._len = dict.fromkeys(self._k, 0)
         self.pad: torch.Tensor | None = None  # [b] left-pad columns per row, None: no padding
+        self._step_mask = None  # ((start, n), [b, 1, 1, n] mask) of the current decode step
 
     def set_padding(self, pad: torch.Tensor | None) -> None:
         """Declare ``pad[i]`` leading pad columns in row ``i`` (int ``[b]``), never attended."""
         self.pad = None if pad is None or not bool(pad.any()) else pad.to(dtype=torch.long)
+        self._step_mask = None
 
     def keep_rows(self, rows: torch.Tensor) -> None:
         """Drop finished rows: keep only ``rows`` (int ``[b']`` indices) of every buffer."""
@@ -139,14 +141,20 @@ class KVCache:
         Overwriting slot ``start % W`` evicts column ``start - W``, which the new query may not see
         anyway, so every filled slot holds a visible key.
         """
-        self._store(layer_idx, torch.arange(start, start + 1, device=q.device), k, v)
+        slot = start % self.capacity
+        self._k[layer_idx][:, slot] = k[:, 0]
+        self._v[layer_idx][:, slot] = v[:, 0]
+        self._len[layer_idx] += 1
         n = min(start + 1, self.capacity)
         keys, values = self._k[layer_idx][:, :n], self._v[layer_idx][:, :n]  # [b, n, nkv, hd]
         mask = None
         if self.pad is not None:
-            slots = torch.arange(n, device=q.device)
-            slot_pos = start - (start - slots) % self.capacity  # column held by each slot, [n]
-            mask = (slot_pos[None, :] >= self.pad[:, None])[:, None, None]  # [b, 1, 1, n]
+            if self._step_mask is None or self._step_mask[0] != (start, n):  # once per step, all layers
+                slots = torch.arange(n, device=q.device)
+                slot_pos = start - (start - slots) % self.capacity  # column held by each slot, [n]
+                keep = (slot_pos[None, :] >= self.pad[:, None])[:, None, None]  # [b, 1, 1, n]
+                self._step_mask = ((start, n), keep)
+            mask = self._step_mask[1]
         out = F.scaled_dot_product_attention(
             q.transpose(1, 2), keys.transpose(1, 2), values.transpose(1, 2), attn_mask=mask, enable_gqa=True
         )  # [b, nq, 1, hd]
