@@ -38,6 +38,8 @@ def generate_batch(
     ``max_new_tokens``, or one of ``stop_strings`` appearing in ``decode(new tokens of the row)``
     (the row is cut right after the token that completed it, so the stop text ends the decoded
     row). Finished rows leave the batch, so the others decode at the batch size still running.
+    All prompts form one batch: the cache holds ``len(prompts) x (longest prompt + most new
+    tokens)`` keys and values per layer, so callers with many prompts pass them in slices.
 
     Works on a plain ``Transformer`` or a tensor-parallel one (every rank of the tp group calls it
     with the same arguments and gets the same lists; the vocab-parallel logits are gathered).
