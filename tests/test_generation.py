@@ -170,3 +170,12 @@ def test_loader_and_tool(tmp_path, capsys):
     rc = generate_tool.main(["--load", str(tmp_path), "--tokenizer-model", "bundled", "--prompt", "x"])
     err = capsys.readouterr().err
     assert rc == 2 and err.count("\n") == 1 and "unsupported checkpoint" in err
+    # --stop: cut the first completion after a stop string taken from its own middle.
+    completion = out[1][len("completion 1: ") :]
+    stop = completion[len(completion) // 2 :][:3]
+    args = ["--load", str(tmp_path / "hf"), "--tokenizer-model", "bundled", "--max-new-tokens", "5"]
+    assert generate_tool.main([*args, "--prompt", "The capital of France is", "--stop", stop]) == 0
+    cut = capsys.readouterr().out.splitlines()[1][len("completion 1: ") :]
+    assert stop in cut and completion.startswith(cut) and len(cut) <= len(completion)
+    assert generate_tool.main([*args, "--prompt", "x", "--tensor-parallel", "2"]) == 2
+    assert "needs torch.distributed initialised" in capsys.readouterr().err

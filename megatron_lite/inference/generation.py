@@ -55,7 +55,7 @@ def generate(
     Args:
         model: a whole ``Transformer`` (put in eval mode here).
         prompt_ids: int tensor ``[b, s]``, one list of ids, or a list of lists (rows of different
-            lengths are decoded one at a time).
+            lengths are decoded together, left-padded: see ``generate_batch``).
         max_new_tokens: tokens to add per row.
         temperature: 0 for greedy decoding, else the softmax temperature.
         top_k: keep only the k most likely tokens when sampling.
@@ -66,62 +66,28 @@ def generate(
     Returns:
         The new tokens: ``list[list[int]]`` per row, or ``list[int]`` for a single flat list prompt.
     """
-    model.eval()
+    from megatron_lite.inference.batch import generate_batch  # batch imports sample_next from here
+
     flat = isinstance(prompt_ids, Sequence) and (not prompt_ids or isinstance(prompt_ids[0], int))
-    rows = [list(prompt_ids)] if flat else prompt_ids
-    device = next(model.parameters()).device
-    if isinstance(rows, torch.Tensor):
-        batches = [rows.to(device=device, dtype=torch.long)]
-    elif len({len(r) for r in rows}) <= 1:
-        batches = [torch.tensor(rows, dtype=torch.long, device=device)]
-    else:
-        batches = [torch.tensor([r], dtype=torch.long, device=device) for r in rows]
-    generator = None
-    if seed is not None:
-        generator = torch.Generator(device=device).manual_seed(seed)
-    out: list[list[int]] = []
-    for batch in batches:
-        if batch.ndim != 2 or batch.shape[1] == 0:
-            raise ValueError(f"prompt must be non-empty rows of token ids, got shape {list(batch.shape)}")
-        if batch.min() < 0 or batch.max() >= model.cfg.vocab_size:
+    if isinstance(prompt_ids, torch.Tensor):
+        if prompt_ids.ndim != 2 or prompt_ids.shape[1] == 0:
             raise ValueError(
-                f"prompt token ids must be in [0, {model.cfg.vocab_size}) (the model's vocab), "
-                f"got {int(batch.min())}..{int(batch.max())}: wrong tokenizer?"
+                f"prompt must be non-empty rows of token ids, got shape {list(prompt_ids.shape)}"
             )
-        out += _generate_batch(model, batch, max_new_tokens, temperature, top_k, top_p, eos_id, generator)
+        rows = prompt_ids.tolist()
+    else:
+        rows = [list(prompt_ids)] if flat else prompt_ids
+    out = generate_batch(
+        model,
+        rows,
+        max_new_tokens=max_new_tokens,
+        temperature=temperature,
+        top_k=top_k,
+        top_p=top_p,
+        eos_id=eos_id,
+        seed=seed,
+    )
     return out[0] if flat else out
-
-
-def _generate_batch(
-    model,
-    prompt: torch.Tensor,
-    max_new_tokens: int,
-    temperature: float,
-    top_k,
-    top_p,
-    eos_id: int | None,
-    generator,
-) -> list[list[int]]:
-    """Decode one batch of equal-length prompts ``[b, s]``."""
-    b, s = prompt.shape
-    cache = KVCache.for_model(model, b, s + max_new_tokens)
-    logits = prefill(model, prompt, cache)  # [b, V] for the last prompt token
-    new = torch.empty(b, 0, dtype=torch.long, device=prompt.device)
-    done = torch.zeros(b, dtype=torch.bool, device=prompt.device)
-    for step in range(max_new_tokens):
-        token = sample_next(logits, temperature, top_k, top_p, generator)  # [b]
-        if eos_id is not None:
-            token = torch.where(done, torch.full_like(token, eos_id), token)
-            done = done | (token == eos_id)
-        new = torch.cat([new, token[:, None]], dim=1)
-        if bool(done.all()) or step == max_new_tokens - 1:
-            break
-        positions = torch.full((b, 1), cache.seq_len, dtype=torch.long, device=prompt.device)
-        logits = model(token[:, None], position_ids=positions, cache=cache)[:, -1]
-    rows = new.tolist()
-    if eos_id is not None:
-        rows = [r[: r.index(eos_id) + 1] if eos_id in r else r for r in rows]
-    return rows
 
 
 def prefill(model, prompt: torch.Tensor, cache: KVCache, chunk_size: int | None = None) -> torch.Tensor:

@@ -8,6 +8,11 @@ as the longest sequence the cache is built for.
 A chunk of ``s`` new tokens attends to the cached keys plus itself under the causal/window mask
 before its own keys are written, so chunked prefill works for any chunk size; ``generate`` uses
 chunks of at most ``W`` tokens so the attention matrix per chunk stays ``W x 2W``.
+
+Ragged batches are left-padded (``set_padding``): every row shares one column timeline, so one
+ring slot per column serves all rows, and keys at a row's pad columns are masked out. A row's
+position is ``column - pad``; window distances are column differences, identical to position
+differences within a row.
 """
 
 from __future__ import annotations
@@ -50,6 +55,21 @@ class KVCache:
         self._k = {i: torch.zeros(shape, device=device, dtype=dtype) for i in layer_ids}
         self._v = {i: torch.zeros(shape, device=device, dtype=dtype) for i in layer_ids}
         self._len = dict.fromkeys(self._k, 0)
+        self.pad: torch.Tensor | None = None  # [b] left-pad columns per row, None: no padding
+        self._step_mask = None  # ((start, n), [b, 1, 1, n] mask) of the current decode step
+
+    def set_padding(self, pad: torch.Tensor | None) -> None:
+        """Declare ``pad[i]`` leading pad columns in row ``i`` (int ``[b]``), never attended."""
+        self.pad = None if pad is None or not bool(pad.any()) else pad.to(dtype=torch.long)
+        self._step_mask = None
+
+    def keep_rows(self, rows: torch.Tensor) -> None:
+        """Drop finished rows: keep only ``rows`` (int ``[b']`` indices) of every buffer."""
+        for i in self._k:
+            self._k[i] = self._k[i].index_select(0, rows)
+            self._v[i] = self._v[i].index_select(0, rows)
+        if self.pad is not None:
+            self.set_padding(self.pad.index_select(0, rows))
 
     @classmethod
     def for_model(cls, model, batch_size: int, max_seq_len: int) -> KVCache:
@@ -60,10 +80,11 @@ class KVCache:
                 "generation with per-layer attention windows (model.layer_types) is not supported yet"
             )
         param = next(model.parameters())
+        attention = next(iter(model.layers.values())).attention  # local heads under tensor parallel
         return cls(
             [int(i) for i in model.layers],
             batch_size,
-            cfg.num_kv_heads,
+            attention.num_kv_heads,
             cfg.head_dim,
             max_seq_len,
             cfg.sliding_window,
@@ -91,6 +112,8 @@ class KVCache:
         start, s = self._len[layer_idx], q.shape[1]
         if self.window is None and start + s > self.capacity:
             raise ValueError(f"KV cache holds {self.capacity} tokens; {start} cached + {s} new exceed it")
+        if s == 1:
+            return self._attend_one(layer_idx, q, k, v, start)
         keep = start if self.window is None else min(start, self.window - 1)  # cached keys still visible
         old_pos = torch.arange(start - keep, start, device=q.device)  # [keep]
         new_pos = torch.arange(start, start + s, device=q.device)  # [s]
@@ -101,10 +124,40 @@ class KVCache:
         mask = key_pos[None, :] <= new_pos[:, None]  # [s, keep + s]
         if self.window is not None:
             mask = mask & (new_pos[:, None] - key_pos[None, :] < self.window)
+        if self.pad is not None:
+            # [b, 1, s, keep + s]; a pad query sees only itself (no all-masked row, no NaN).
+            real = key_pos[None, None, :] >= self.pad[:, None, None]  # [b, 1, keep + s]
+            mask = (mask & real) | (key_pos[None, :] == new_pos[:, None])
+            mask = mask[:, None]
         out = F.scaled_dot_product_attention(
             q.transpose(1, 2), keys.transpose(1, 2), values.transpose(1, 2), attn_mask=mask, enable_gqa=True
         )  # [b, nq, s, hd]
         self._store(layer_idx, new_pos, k, v)
+        return out.transpose(1, 2)
+
+    def _attend_one(self, layer_idx: int, q, k, v, start: int) -> torch.Tensor:
+        """Decode step (one new token): store first, then attend over the buffer in place (no copy).
+
+        Overwriting slot ``start % W`` evicts column ``start - W``, which the new query may not see
+        anyway, so every filled slot holds a visible key.
+        """
+        slot = start % self.capacity
+        self._k[layer_idx][:, slot] = k[:, 0]
+        self._v[layer_idx][:, slot] = v[:, 0]
+        self._len[layer_idx] += 1
+        n = min(start + 1, self.capacity)
+        keys, values = self._k[layer_idx][:, :n], self._v[layer_idx][:, :n]  # [b, n, nkv, hd]
+        mask = None
+        if self.pad is not None:
+            if self._step_mask is None or self._step_mask[0] != (start, n):  # once per step, all layers
+                slots = torch.arange(n, device=q.device)
+                slot_pos = start - (start - slots) % self.capacity  # column held by each slot, [n]
+                keep = (slot_pos[None, :] >= self.pad[:, None])[:, None, None]  # [b, 1, 1, n]
+                self._step_mask = ((start, n), keep)
+            mask = self._step_mask[1]
+        out = F.scaled_dot_product_attention(
+            q.transpose(1, 2), keys.transpose(1, 2), values.transpose(1, 2), attn_mask=mask, enable_gqa=True
+        )  # [b, nq, 1, hd]
         return out.transpose(1, 2)
 
     def _store(self, layer_idx: int, positions: torch.Tensor, k: torch.Tensor, v: torch.Tensor) -> None:

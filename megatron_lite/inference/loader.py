@@ -6,6 +6,7 @@ import os
 from pathlib import Path
 
 import torch
+import torch.distributed as dist
 
 
 class UnsupportedCheckpointError(ValueError):
@@ -32,9 +33,32 @@ def checkpoint_kind(path: str | os.PathLike) -> str:
 
 
 def load_model_for_inference(
-    path: str | os.PathLike, dtype: torch.dtype = torch.float32, device: str | torch.device = "cpu"
+    path: str | os.PathLike,
+    dtype: torch.dtype = torch.float32,
+    device: str | torch.device = "cpu",
+    tensor_parallel: int = 1,
 ):
-    """Load the model in ``path`` (dispatching on its contents) in eval mode."""
+    """Load the model in ``path`` (dispatching on its contents) in eval mode.
+
+    Args:
+        path: a Hugging Face directory or a training checkpoint directory (any tp/pp/ep layout;
+            its shards are reassembled to full tensors).
+        dtype: parameter dtype.
+        device: where the model lives.
+        tensor_parallel: split the model over this many ranks (attention heads, FFN columns,
+            vocabulary); needs an initialised ``torch.distributed`` whose world size is a multiple
+            of it (every rank calls this; ranks beyond one tp group are data-parallel replicas).
+            Each rank reads the full weights once, then keeps only its shards.
+
+    Returns:
+        A plain ``Transformer``, or a tensor-parallel one when ``tensor_parallel > 1``.
+    """
+    if tensor_parallel < 1:
+        raise ValueError(f"tensor_parallel must be >= 1, got {tensor_parallel}")
+    if tensor_parallel > 1 and not (dist.is_available() and dist.is_initialized()):
+        raise ValueError(
+            f"tensor_parallel={tensor_parallel} needs torch.distributed initialised (run under torchrun)"
+        )
     kind = checkpoint_kind(path)
     if kind == "hf":
         from megatron_lite.models.hf_io import load_hf
@@ -45,4 +69,22 @@ def load_model_for_inference(
 
         cfg, full = read_full_state(path)
         model = model_from_full_state(cfg.model, full).to(device=device, dtype=dtype)
+    if tensor_parallel > 1:
+        model = _tensor_parallel(model, tensor_parallel)
     return model.eval()
+
+
+def _tensor_parallel(model, tp: int):
+    """Split a full model's weights over the tp groups of the default process group."""
+    from megatron_lite.config import ConfigError, ParallelConfig
+    from megatron_lite.parallel.dims import ParallelDims
+    from megatron_lite.parallel.parallelize import parallelize
+
+    pcfg = ParallelConfig(tensor=tp)
+    world = dist.get_world_size()
+    if world % tp:
+        raise ConfigError(f"tensor_parallel={tp} does not divide the world size {world}")
+    dims = ParallelDims.from_config(pcfg, world)
+    dims.create_groups()
+    with torch.no_grad():
+        return parallelize(model, dims, pcfg)  # shards sliced from the real weights

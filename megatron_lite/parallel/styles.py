@@ -195,12 +195,21 @@ class SequenceParallelNorm(Style):
 
 def _split_tokens(group, module, args):
     (x,) = args
+    # Generation (no grad) feeds sequences of any length, one token per decode step: pad them with
+    # zero tokens up to a multiple of tp (dropless routing, so pads never change real tokens'
+    # outputs; only the routing statistics see them) and cut the pads off in _gather_tokens.
+    # Training keeps the divisibility error, so its aux losses never count pad tokens.
+    module._tp_seq_len = s = x.shape[1]
+    extra = -s % comm.group_size(group)
+    if extra and not torch.is_grad_enabled():
+        x = nn.functional.pad(x, (0, 0, 0, extra))  # [b, s + extra, h]
     return (comm.scatter_to_sequence(x, group, dim=1),)  # [b, s/tp, h]
 
 
 def _gather_tokens(group, module, args, out):
     # The consumer (residual stream) is replicated, so the backward only keeps this rank's chunk.
-    return comm.gather_from_sequence(out, group, dim=1, reduce_grad=False)  # [b, s, h]
+    out = comm.gather_from_sequence(out, group, dim=1, reduce_grad=False)  # [b, s + extra, h]
+    return out[:, : module._tp_seq_len]  # [b, s, h]
 
 
 class ExpertParallelMoE(Style):
