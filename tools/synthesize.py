@@ -119,6 +119,7 @@ def run(args: argparse.Namespace, generator=None, tokenizer=None):
     template = load_template(args.chat_template) if args.method == "magpie" else None
     if tokenizer is None:
         tokenizer = load_tokenizer(args.load, args.tokenizer_type, args.tokenizer_model)
+    max_prompt_tokens = None  # IPT texts whose prompt does not fit the model are skipped, counted
     if generator is None:
         from megatron_lite.inference import load_model_for_inference
 
@@ -127,6 +128,12 @@ def run(args: argparse.Namespace, generator=None, tokenizer=None):
             raise ValueError(
                 f"tokenizer has {tokenizer.vocab_size} ids but the model's vocab_size is "
                 f"{model.cfg.vocab_size}"
+            )
+        max_prompt_tokens = model.cfg.max_position_embeddings - sampling.max_new_tokens
+        if max_prompt_tokens < 1:
+            raise ValueError(
+                f"--max-new-tokens {sampling.max_new_tokens} leaves no room for a prompt in the model's "
+                f"max_position_embeddings ({model.cfg.max_position_embeddings})"
             )
         stops = template.instruction_stops() + template.response_stops() if template else []
         generator = model_text_generator(model, tokenizer, sampling, _stop_ids(tokenizer, stops))
@@ -139,7 +146,7 @@ def run(args: argparse.Namespace, generator=None, tokenizer=None):
         return run_magpie(generator, tokenizer, template, opts)
     opts = IPTOptions(
         args.input, args.output, args.text_key, args.limit, args.batch_size, args.seed,
-        log_interval_s=args.log_interval,
+        max_prompt_tokens=max_prompt_tokens, log_interval_s=args.log_interval,
     )  # fmt: skip
     return run_instruction_pretraining(generator, tokenizer, opts)
 
