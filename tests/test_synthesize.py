@@ -72,6 +72,9 @@ def test_builtin_templates_and_special_tokens():
     mistral_t, llama = load_template("mistral"), load_template("llama3")
     assert mistral_t.instruction_stops() == ["[/INST]", "</s>"]
     assert mistral_t.response_prompt("Q?") == "<s>[INST] Q? [/INST]"
+    query = encode_with_specials(tok, mistral_t.query_prompt())
+    assert query == encode_with_specials(tok, "<s>[INST] What?")[: len(query)]  # no lone "▁" token at the end
+    assert llama.query_prompt().endswith("<|end_header_id|>\n\n")
     assert llama.pre_query.startswith("<|begin_of_text|><|start_header_id|>user<|end_header_id|>\n\n")
     assert llama.end_of_turn == "<|eot_id|>" and "<|eot_id|>" in llama.instruction_stops()
 
@@ -324,3 +327,24 @@ def test_cli_errors_are_one_line(tiny_hf_dir, tmp_path, capsys):
         "leaves no room for a prompt in the model's max_position_embeddings (256)" in capsys.readouterr().err
     )
     assert not (tmp_path / "o.jsonl").exists()  # nothing written before the model was checked
+
+
+def test_model_generator_calls_the_batched_api(monkeypatch, tiny_hf_dir):
+    """With ``inference.generate_batch`` present (p15-gen's API) it gets the stops and all EOS ids."""
+    from megatron_lite import inference
+    from megatron_lite.synthesis import SamplingOptions, model_text_generator
+
+    tok, calls = mistral(), []
+
+    def fake_batch(
+        model, prompts, *, max_new_tokens, temperature, top_k, top_p, eos_id, stop_strings, decode, seed
+    ):
+        calls.append((max_new_tokens, temperature, top_p, eos_id, stop_strings, seed))
+        assert decode([tok.bos, *tok.encode_raw("hi")]) == "hi"
+        return [tok.encode_raw("A question? [/INST] more") + [7, 9], [tok.eod, 5]][: len(prompts)]
+
+    monkeypatch.setattr(inference, "generate_batch", fake_batch, raising=False)
+    model = inference.load_model_for_inference(tiny_hf_dir)
+    gen = model_text_generator(model, tok, SamplingOptions(5, 0.7, 0.9), stop_ids=(7,))
+    assert gen([[1, 2], [3]], 11, ["[/INST]"]) == ["A question? [/INST] more", ""]
+    assert calls == [(5, 0.7, 0.9, [tok.eod, 7], ["[/INST]"], 11)]

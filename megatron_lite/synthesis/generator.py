@@ -34,19 +34,27 @@ class SamplingOptions:
             raise ValueError(f"--top-p must lie in (0, 1], got {self.top_p}")
 
 
-def _generate_ids(model, prompts, sampling: SamplingOptions, eos_id, seed, stops, decode):
-    """New token ids per prompt: the ragged batched API when the inference package has it."""
+def _generate_ids(model, prompts, sampling: SamplingOptions, eos_ids, seed, stops, decode):
+    """New token ids per prompt.
+
+    Uses ``inference.generate_batch`` (ragged batches, stop strings, several EOS ids) when the
+    inference package has it, else ``inference.generate`` (one EOS id; stops are cut afterwards).
+    """
     from megatron_lite import inference
 
+    kw = dict(temperature=sampling.temperature, top_k=sampling.top_k, top_p=sampling.top_p, seed=seed)
     batch_api = getattr(inference, "generate_batch", None)
-    kw = dict(
-        temperature=sampling.temperature, top_k=sampling.top_k, top_p=sampling.top_p, eos_id=eos_id, seed=seed
-    )
     if batch_api is not None:
         return batch_api(
-            model, prompts, max_new_tokens=sampling.max_new_tokens, stop_strings=stops, decode=decode, **kw
+            model,
+            prompts,
+            max_new_tokens=sampling.max_new_tokens,
+            eos_id=list(eos_ids),
+            stop_strings=stops or None,
+            decode=decode,
+            **kw,
         )
-    return inference.generate(model, prompts, sampling.max_new_tokens, **kw)
+    return inference.generate(model, prompts, sampling.max_new_tokens, eos_id=eos_ids[0], **kw)
 
 
 def model_text_generator(
@@ -66,10 +74,11 @@ def model_text_generator(
                     f"prompt of {len(p)} tokens + --max-new-tokens {sampling.max_new_tokens} exceeds the "
                     f"model's max_position_embeddings ({limit})"
                 )
-        new = _generate_ids(model, prompts, sampling, tokenizer.eod, seed, stops, tokenizer.detokenize)
+        eos_ids = [tokenizer.eod, *(i for i in stop_ids if i != tokenizer.eod)]
+        new = _generate_ids(model, prompts, sampling, eos_ids, seed, stops, tokenizer.detokenize)
         texts = []
         for ids in new:
-            cut = [i for i, t in enumerate(ids) if t == tokenizer.eod or t in stop_ids]
+            cut = [i for i, t in enumerate(ids) if t in eos_ids]
             texts.append(tokenizer.detokenize(ids[: cut[0]] if cut else ids))
         return texts
 

@@ -107,7 +107,7 @@ def run_magpie(
     if done:
         log(f"magpie: resuming after {len(done)} records (last id {last_id}) in {opts.output}")
     max_attempts = opts.max_attempts or 20 * opts.limit
-    query_prompt = encode_with_specials(tokenizer, template.pre_query)
+    query_prompt = encode_with_specials(tokenizer, template.query_prompt())
     block = first_block(last_id, opts.batch_size)
     # the resumed block is recomputed whole, so it must not see its own earlier records as duplicates
     seen = {k: i for k, i in seen.items() if i < block * opts.batch_size}

@@ -45,6 +45,14 @@ class ChatTemplate:
         """Strings that end a sampled response."""
         return [s for s in (self.end_of_turn, self.pre_query.strip()) if s]
 
+    def query_prompt(self) -> str:
+        """What Magpie feeds the model: the pre-query prefix without trailing spaces.
+
+        In real conversations the space after ``[INST]`` belongs to the query's first word (one
+        token, ``▁What``); a lone trailing space would be a token the model has rarely seen there.
+        """
+        return self.pre_query.rstrip(" ")
+
     def response_prompt(self, instruction: str) -> str:
         """The conversation up to where the assistant's answer starts."""
         return f"{self.pre_query}{instruction}{self.post_query}"
