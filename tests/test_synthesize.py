@@ -348,3 +348,27 @@ def test_model_generator_calls_the_batched_api(monkeypatch, tiny_hf_dir):
     gen = model_text_generator(model, tok, SamplingOptions(5, 0.7, 0.9), stop_ids=(7,))
     assert gen([[1, 2], [3]], 11, ["[/INST]"]) == ["A question? [/INST] more", ""]
     assert calls == [(5, 0.7, 0.9, [tok.eod, 7], ["[/INST]"], 11)]
+
+
+def test_training_checkpoint_model_and_tokenizer(tmp_path, capsys):
+    """--load of a training checkpoint (tp 2 here): the model via inference.loader, the tokenizer
+    from the run's stored data config."""
+    from megatron_lite.config import Config, DataConfig, ParallelConfig
+    from megatron_lite.models import build_model
+    from megatron_lite.training.convert import write_model_checkpoint
+
+    model_cfg = tiny_model_config(vocab_size=32000, hidden_size=32, intermediate_size=64)
+    cfg = Config(
+        model=model_cfg,
+        data=DataConfig(tokenizer_type="MistralTokenizer", tokenizer_model="bundled"),
+        parallel=ParallelConfig(tensor=2),
+    )
+    write_model_checkpoint(build_model(model_cfg, seed=0).state_dict(), cfg, tmp_path / "ckpt")
+    tok = synthesize.load_tokenizer(str(tmp_path / "ckpt"), None, None)
+    assert type(tok).__name__ == "MistralTokenizer" and tok.vocab_size == 32000
+    out = tmp_path / "o.jsonl"
+    argv = ["magpie", "--load", str(tmp_path / "ckpt"), "--chat-template", "mistral", "--output", str(out)]
+    assert synthesize.main([*argv, "--limit", "2", "--max-new-tokens", "4", "--log-interval", "0"]) == 0, (
+        capsys.readouterr().err
+    )
+    assert len(read_jsonl(out)) == 2

@@ -78,20 +78,38 @@ def build_parser() -> argparse.ArgumentParser:
 
 
 def load_tokenizer(load: str, tokenizer_type: str | None, tokenizer_model: str | None):
-    """The tokenizer named by the flags, else the one stored in the model directory."""
+    """The tokenizer named by the flags, else the one stored in the model directory (an HF
+    directory's tokenizer.json / tokenizer.model, or a training checkpoint's run config)."""
     from megatron_lite.data.tokenizers import build_tokenizer
 
-    if tokenizer_model is None:
-        for name, default_type in (
-            ("tokenizer.json", "HuggingFaceTokenizer"),
-            ("tokenizer.model", "MistralTokenizer"),
-        ):
-            if os.path.isfile(os.path.join(load, name)):
-                return build_tokenizer(tokenizer_type or default_type, os.path.join(load, name))
-        raise FileNotFoundError(
-            f"{load}: no tokenizer.json or tokenizer.model inside; give --tokenizer-model"
-        )
-    return build_tokenizer(tokenizer_type or "MistralTokenizer", tokenizer_model)
+    if tokenizer_model is not None:
+        return build_tokenizer(tokenizer_type or "MistralTokenizer", tokenizer_model)
+    for name, default_type in (
+        ("tokenizer.json", "HuggingFaceTokenizer"),
+        ("tokenizer.model", "MistralTokenizer"),
+    ):
+        if os.path.isfile(os.path.join(load, name)):
+            return build_tokenizer(tokenizer_type or default_type, os.path.join(load, name))
+    data = _training_run_data_config(load)
+    if data is not None:
+        return build_tokenizer(tokenizer_type or data["tokenizer_type"], data.get("tokenizer_model"))
+    raise FileNotFoundError(
+        f"{load}: no tokenizer.json, tokenizer.model or training run config inside; give --tokenizer-model"
+    )
+
+
+def _training_run_data_config(load: str) -> dict | None:
+    """``data`` section of a training checkpoint's stored run config (None if there is none)."""
+    import yaml
+
+    from megatron_lite.training.checkpoint import iteration_dir, latest_iteration
+
+    iteration = latest_iteration(load) if os.path.isdir(load) else None
+    path = iteration_dir(load, iteration) / "config.yaml" if iteration is not None else None
+    if path is None or not path.is_file():
+        return None
+    data = (yaml.safe_load(path.read_text()) or {}).get("data") or {}
+    return data if data.get("tokenizer_type") else None
 
 
 def _stop_ids(tokenizer, stops: list[str]) -> tuple[int, ...]:
