@@ -311,7 +311,11 @@ def test_cli_errors_are_one_line(tiny_hf_dir, tmp_path, capsys):
     )
     assert synthesize.main(["magpie", "--load", str(tmp_path), "--chat-template", "mistral", *base]) == 2
     err = capsys.readouterr().err.strip()
-    assert err.startswith("error: ") and "no tokenizer.json or tokenizer.model" in err and "\n" not in err
+    assert (
+        err.startswith("error: ")
+        and "no tokenizer.json, tokenizer.model or training run config" in err
+        and "\n" not in err
+    )
     argv = [
         "magpie",
         "--load",
