@@ -250,6 +250,24 @@ def test_instruction_pretraining_fake_generator_counts_resume_and_preprocess(tmp
     assert part.read_text() == ref.read_text() and "resuming after input record 4" in err
     assert "skipped 3 (bad input 2, malformed 1)" in err.splitlines()[-1]  # each counted once
 
+    custom = ["--prompt-template", "Passage: {text}\nQuestions:", "--limit", "1"]
+    seen = []
+    assert (
+        synthesize.main(
+            ipt_argv(inp, tmp_path / "c.jsonl", *custom), lambda p, s, st: seen.extend(p) or [""], tok
+        )
+        == 0
+    )
+    assert [tok.detokenize(p) for p in seen] == ["Passage: Raw text of doc0 about the river.\nQuestions:"]
+    assert (
+        synthesize.main(ipt_argv(inp, tmp_path / "d.jsonl", "--prompt-template", "no field"), gen, tok) == 2
+    )
+    assert (
+        capsys.readouterr()
+        .err.strip()
+        .endswith("error: the synthesizer prompt template needs a {text} field")
+    )
+
     rc, err = run_cli(capsys, mistral_args(str(ref), tmp_path / "aug", "--instruction-augmented"))
     assert rc == 0, err
     tokens = IndexedDataset(str(tmp_path / "aug_text_document"))

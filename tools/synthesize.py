@@ -73,6 +73,11 @@ def build_parser() -> argparse.ArgumentParser:
     _common(i, temperature=0.0)
     i.add_argument("--input", required=True, help="JSONL corpus of raw texts")
     i.add_argument("--text-key", default="text")
+    i.add_argument(
+        "--prompt-template",
+        default=None,
+        help="synthesizer prompt with a {text} field (default: the released synthesizer's)",
+    )
     i.add_argument("--limit", type=int, default=None, help="process at most this many input records")
     return p
 
@@ -131,6 +136,7 @@ def run(args: argparse.Namespace, generator=None, tokenizer=None):
         run_instruction_pretraining,
         run_magpie,
     )
+    from megatron_lite.synthesis.instruction_pretraining import SYNTHESIZER_PROMPT
 
     sampling = SamplingOptions(args.max_new_tokens, args.temperature, args.top_p, args.top_k)
     sampling.validate()
@@ -164,7 +170,7 @@ def run(args: argparse.Namespace, generator=None, tokenizer=None):
         return run_magpie(generator, tokenizer, template, opts)
     opts = IPTOptions(
         args.input, args.output, args.text_key, args.limit, args.batch_size, args.seed,
-        max_prompt_tokens=max_prompt_tokens, log_interval_s=args.log_interval,
+        args.prompt_template or SYNTHESIZER_PROMPT, max_prompt_tokens, args.log_interval,
     )  # fmt: skip
     return run_instruction_pretraining(generator, tokenizer, opts)
 
