@@ -6,6 +6,7 @@ from __future__ import annotations
 
 import json
 import random
+import re
 import shutil
 import sys
 from pathlib import Path
@@ -17,7 +18,13 @@ from data_common import mistral, mistral_args, run_cli, write_jsonl
 from megatron_lite.data.indexed_dataset import IndexedDataset
 from megatron_lite.data.instruction import augment_text, parse_messages, tokenize_conversation
 from megatron_lite.data.tokenizers import bundled_mistral_tokenizer_path
-from megatron_lite.synthesis import cut_at_stops, encode_with_specials, load_template, parse_qa_pairs
+from megatron_lite.synthesis import (
+    cut_at_stops,
+    encode_with_specials,
+    load_template,
+    normalize_text,
+    parse_qa_pairs,
+)
 from megatron_lite.synthesis.output import OutputError, read_resumable
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1] / "tools"))
@@ -59,6 +66,12 @@ def test_cut_at_stops():
     )
     assert cut_at_stops("a</s>b[/INST]", ["[/INST]", "</s>"]) == ("a", True)  # earliest stop wins
     assert cut_at_stops("no stop here", ["</s>"]) == ("no stop here", False)
+    assert (
+        normalize_text("  What IS\n the   river? ")
+        == normalize_text("what is the river")
+        == "what is the river"
+    )
+    assert normalize_text("What is the river?") != normalize_text("What is a river?")
 
 
 # ---------------------------------------------------------------- chat templates
@@ -135,12 +148,12 @@ class FakeMagpieModel:
             text = self.tok.detokenize(p)
             if text.endswith("[/INST]"):  # a response prompt: answer the query in it
                 query = text[len("[INST] ") : -len(" [/INST]")]
-                out.append("" if "q7" in query else f"Answer to {query}.</s>[INST] junk")
+                answer = f"Answer to {query}."
+                out.append("" if "q7" in query else answer if "q8" in query else f"{answer}</s>[INST] junk")
             else:
                 r = rng.randrange(12)
-                out.append(
-                    ["", "x" * 50, "q1 again? [/INST]"][r] if r < 3 else f"q{r} question? [/INST] tail"
-                )
+                canned = ["", "x" * 50 + " [/INST]", "q1 again? [/INST]", "q3 runs on and on"]
+                out.append(canned[r] if r < 4 else f"q{r} question? [/INST] tail")
         return out
 
 
@@ -154,33 +167,43 @@ def magpie_argv(out, limit, *extra):
 def test_magpie_fake_generator_counts_resume_and_preprocess(tmp_path, capsys):
     tok = mistral()
     ref = tmp_path / "ref.jsonl"
-    assert synthesize.main(magpie_argv(ref, 8), FakeMagpieModel(tok), tok) == 0
+    assert synthesize.main(magpie_argv(ref, 6), FakeMagpieModel(tok), tok) == 0
     err = capsys.readouterr().err
     records = read_jsonl(ref)
-    assert len(records) == 8 and [r["id"] for r in records] == sorted({r["id"] for r in records})
+    assert len(records) == 6 and [r["id"] for r in records] == sorted({r["id"] for r in records})
     prompts = [r["prompt"] for r in records]
-    assert len({p.lower().rstrip("?") for p in prompts}) == 8  # exact de-dup on normalized text
+    assert len({p.lower().rstrip("?") for p in prompts}) == 6  # exact de-dup on normalized text
     assert all(len(p) <= 40 and p.endswith("question?") or p == "q1 again?" for p in prompts)
     assert all(r["response"] == f"Answer to {r['prompt']}." for r in records)
-    assert "q7 question?" not in prompts  # its empty response was filtered
+    assert "q7 question?" not in prompts and "q8 question?" not in prompts  # empty, unfinished responses
     last = err.strip().splitlines()[-1]
-    assert last.startswith("magpie: 8 records done (8 this run") and "duplicate instruction" in last
-    assert "instruction too long" in last and "empty instruction" in last and "empty response" in last
+    assert last.startswith("magpie: 6 records done (6 this run") and "duplicate instruction" in last
+    for reason in ("instruction too long", "empty instruction", "empty response", "unfinished instruction"):
+        assert reason in last
+    assert "unfinished response" in last
     assert "skipped (empty instruction): attempt" in err  # malformed output gets its own line
+    # only 7 distinct good queries exist: asking for 8 gives up after --max-attempts, and says so
+    assert (
+        synthesize.main(
+            magpie_argv(tmp_path / "x.jsonl", 8, "--max-attempts", "40"), FakeMagpieModel(tok), tok
+        )
+        == 0
+    )
+    assert re.search(r"magpie: stopped after 40 attempts with \d of 8 records", capsys.readouterr().err)
 
     # killed after three generation calls, with a torn half line on disk: the restart continues
     part = tmp_path / "part.jsonl"
     with pytest.raises(KeyboardInterrupt):
-        synthesize.main(magpie_argv(part, 8), FakeMagpieModel(tok, fail_after=3), tok)
+        synthesize.main(magpie_argv(part, 6), FakeMagpieModel(tok, fail_after=3), tok)
     n_before = len(read_jsonl(part))
-    assert 0 < n_before < 8
+    assert 0 < n_before < 6
     with open(part, "a") as f:
         f.write('{"id": 99, "prompt": "torn')
-    assert synthesize.main(magpie_argv(part, 8), FakeMagpieModel(tok), tok) == 0
+    assert synthesize.main(magpie_argv(part, 6), FakeMagpieModel(tok), tok) == 0
     err = capsys.readouterr().err
     assert "dropped a torn last line" in err and f"resuming after {n_before} records" in err
     assert part.read_text() == ref.read_text()  # same as the uninterrupted run
-    assert f"8 records done ({8 - n_before} this run" in err.strip().splitlines()[-1]
+    assert f"6 records done ({6 - n_before} this run" in err.strip().splitlines()[-1]
 
     rc, err = run_cli(capsys, mistral_args(str(ref), tmp_path / "sft", "--instruction"))
     assert rc == 0, err
@@ -190,7 +213,7 @@ def test_magpie_fake_generator_counts_resume_and_preprocess(tmp_path, capsys):
     )
     want = tokenize_conversation(tok, parse_messages(records[3], "x"))
     assert (
-        len(tokens) == 8 and tokens[3].tolist() == want[0].tolist() and masks[3].tolist() == want[1].tolist()
+        len(tokens) == 6 and tokens[3].tolist() == want[0].tolist() and masks[3].tolist() == want[1].tolist()
     )
 
 
@@ -297,7 +320,17 @@ def tiny_hf_dir(tmp_path_factory):
 def test_real_tiny_model_plumbing(tiny_hf_dir, tmp_path, capsys):
     common = ["--load", str(tiny_hf_dir), "--max-new-tokens", "6", "--batch-size", "2", "--log-interval", "0"]
     full, part = tmp_path / "full.jsonl", tmp_path / "part.jsonl"
-    magpie = ["magpie", *common, "--chat-template", "mistral", "--top-p", "0.9", "--seed", "3"]
+    magpie = [
+        "magpie",
+        *common,
+        "--chat-template",
+        "mistral",
+        "--top-p",
+        "0.9",
+        "--seed",
+        "3",
+        "--keep-unfinished",
+    ]
     assert synthesize.main([*magpie, "--output", str(full), "--limit", "3"]) == 0
     assert synthesize.main([*magpie, "--output", str(part), "--limit", "1"]) == 0
     assert synthesize.main([*magpie, "--output", str(part), "--limit", "3"]) == 0
@@ -390,7 +423,7 @@ def test_training_checkpoint_model_and_tokenizer(tmp_path, capsys):
     assert type(tok).__name__ == "MistralTokenizer" and tok.vocab_size == 32000
     out = tmp_path / "o.jsonl"
     argv = ["magpie", "--load", str(tmp_path / "ckpt"), "--chat-template", "mistral", "--output", str(out)]
-    assert synthesize.main([*argv, "--limit", "2", "--max-new-tokens", "4", "--log-interval", "0"]) == 0, (
+    assert synthesize.main([*argv, "--limit", "2", "--max-new-tokens", "4", "--keep-unfinished"]) == 0, (
         capsys.readouterr().err
     )
     assert len(read_jsonl(out)) == 2

@@ -65,6 +65,11 @@ def build_parser() -> argparse.ArgumentParser:
     m.add_argument("--chat-template", required=True, help="mistral, llama3, or a JSON/YAML file")
     m.add_argument("--limit", type=int, required=True, help="records the output should hold")
     m.add_argument("--max-attempts", type=int, default=None, help="default: 20 x --limit")
+    m.add_argument(
+        "--keep-unfinished",
+        action="store_true",
+        help="keep texts that hit --max-new-tokens before their end of turn (default: skip them)",
+    )
     m.add_argument("--min-instruction-chars", type=int, default=1)
     m.add_argument("--max-instruction-chars", type=int, default=None)
     m.add_argument("--min-response-chars", type=int, default=1)
@@ -165,7 +170,7 @@ def run(args: argparse.Namespace, generator=None, tokenizer=None):
         opts = MagpieOptions(
             args.output, args.limit, args.batch_size, args.seed, args.min_instruction_chars,
             args.max_instruction_chars, args.min_response_chars, args.max_response_chars,
-            args.max_attempts, args.log_interval,
+            args.max_attempts, args.keep_unfinished, args.log_interval,
         )  # fmt: skip
         return run_magpie(generator, tokenizer, template, opts)
     opts = IPTOptions(

@@ -15,6 +15,23 @@ from dataclasses import dataclass
 TextGenerator = Callable[[list[list[int]], int, list[str]], list[str]]
 
 
+class Completion(str):
+    """A completion's text that also says whether it ended at an EOS/stop token (``finished``),
+    which its text alone cannot show once special tokens are dropped by decoding."""
+
+    finished: bool = False
+
+    def __new__(cls, text: str, finished: bool):
+        obj = super().__new__(cls, text)
+        obj.finished = finished
+        return obj
+
+
+def finished(raw: str, stops: list[str]) -> bool:
+    """Whether a completion ended properly: at an EOS/stop token, or it holds a stop string."""
+    return bool(getattr(raw, "finished", False)) or any(s and s in raw for s in stops)
+
+
 @dataclass
 class SamplingOptions:
     """Decoding settings (``temperature`` 0 = greedy)."""
@@ -79,7 +96,7 @@ def model_text_generator(
         texts = []
         for ids in new:
             cut = [i for i, t in enumerate(ids) if t in eos_ids]
-            texts.append(tokenizer.detokenize(ids[: cut[0]] if cut else ids))
+            texts.append(Completion(tokenizer.detokenize(ids[: cut[0]] if cut else ids), bool(cut)))
         return texts
 
     return run

@@ -9,7 +9,7 @@ from collections.abc import Callable
 from dataclasses import dataclass
 
 from megatron_lite.synthesis.blocks import block_seed, first_block
-from megatron_lite.synthesis.generator import TextGenerator
+from megatron_lite.synthesis.generator import TextGenerator, finished
 from megatron_lite.synthesis.output import JsonlWriter, Progress, read_resumable, stderr_log
 from megatron_lite.synthesis.parsing import cut_at_stops, normalize_text
 from megatron_lite.synthesis.templates import ChatTemplate, encode_with_specials
@@ -27,6 +27,8 @@ class MagpieOptions:
         min_instruction_chars / max_instruction_chars / min_response_chars / max_response_chars:
             length filters on the stripped texts (``None``: no bound).
         max_attempts: give up after this many attempts in total (default ``20 * limit``).
+        keep_unfinished: keep instructions/responses that hit ``max_new_tokens`` before their
+            stop (by default they are cut mid-sentence, so they are skipped).
         log_interval_s: seconds between progress lines.
     """
 
@@ -39,6 +41,7 @@ class MagpieOptions:
     min_response_chars: int = 1
     max_response_chars: int | None = None
     max_attempts: int | None = None
+    keep_unfinished: bool = False
     log_interval_s: float = 10.0
 
     def validate(self) -> None:
@@ -49,9 +52,12 @@ class MagpieOptions:
             raise ValueError(f"--batch-size must be >= 1, got {self.batch_size}")
 
 
-def _length_reason(text: str, low: int | None, high: int | None, what: str) -> str | None:
+def _reason(text: str, done: bool, low: int | None, high: int | None, what: str) -> str | None:
+    """Why a stripped ``text`` is dropped (None: kept); ``done``: it ended at a stop."""
     if not text:
         return f"empty {what}"
+    if not done:
+        return f"unfinished {what}"
     if low is not None and len(text) < low:
         return f"{what} too short"
     if high is not None and len(text) > high:
@@ -66,7 +72,8 @@ def _instructions(block, texts, template, opts, seen, progress, last_id):
         attempt = block * opts.batch_size + k
         count = last_id is None or attempt > last_id  # items before the resume point were counted
         text = cut_at_stops(raw, template.instruction_stops())[0].strip()
-        reason = _length_reason(text, opts.min_instruction_chars, opts.max_instruction_chars, "instruction")
+        ended = opts.keep_unfinished or finished(raw, template.instruction_stops())
+        reason = _reason(text, ended, opts.min_instruction_chars, opts.max_instruction_chars, "instruction")
         key = normalize_text(text)
         if reason is None and (key in seen or key in pending):
             reason = "duplicate instruction"
@@ -126,7 +133,8 @@ def run_magpie(
             )
             for (attempt, question), raw in zip(kept, answers):
                 answer = cut_at_stops(raw, template.response_stops())[0].strip()
-                reason = _length_reason(answer, opts.min_response_chars, opts.max_response_chars, "response")
+                ended = opts.keep_unfinished or finished(raw, template.response_stops())
+                reason = _reason(answer, ended, opts.min_response_chars, opts.max_response_chars, "response")
                 if last_id is not None and attempt <= last_id:
                     if reason is None:
                         seen[normalize_text(question)] = attempt

@@ -43,7 +43,7 @@ class ChatTemplate:
 
     def response_stops(self) -> list[str]:
         """Strings that end a sampled response."""
-        return [s for s in (self.end_of_turn, self.pre_query.strip()) if s]
+        return [self.end_of_turn] if self.end_of_turn else []
 
     def query_prompt(self) -> str:
         """What Magpie feeds the model: the pre-query prefix without trailing spaces.
