@@ -273,7 +273,7 @@ def test_instruction_pretraining_fake_generator_counts_resume_and_preprocess(tmp
     assert part.read_text() == ref.read_text() and "resuming after input record 4" in err
     assert "skipped 3 (bad input 2, malformed 1)" in err.splitlines()[-1]  # each counted once
 
-    custom = ["--prompt-template", "Passage: {text}\nQuestions:", "--limit", "1"]
+    custom = ["--prompt-template", "Passage {x}: {text}\nQuestions:", "--limit", "1"]
     seen = []
     assert (
         synthesize.main(
@@ -281,7 +281,7 @@ def test_instruction_pretraining_fake_generator_counts_resume_and_preprocess(tmp
         )
         == 0
     )
-    assert [tok.detokenize(p) for p in seen] == ["Passage: Raw text of doc0 about the river.\nQuestions:"]
+    assert [tok.detokenize(p) for p in seen] == ["Passage {x}: Raw text of doc0 about the river.\nQuestions:"]
     assert (
         synthesize.main(ipt_argv(inp, tmp_path / "d.jsonl", "--prompt-template", "no field"), gen, tok) == 2
     )

@@ -100,7 +100,8 @@ def _prompt(item, tokenizer, opts: IPTOptions, progress: Progress, count: bool) 
         if count:
             progress.skip("bad input", f"record {index} ({where}): {problem}")
         return None
-    prompt = encode_with_specials(tokenizer, opts.prompt_template.format(text=text))
+    # replace(), not format(): other braces in a user's template stay literal
+    prompt = encode_with_specials(tokenizer, opts.prompt_template.replace("{text}", text))
     if opts.max_prompt_tokens is not None and len(prompt) > opts.max_prompt_tokens:
         if count:
             progress.skip(
