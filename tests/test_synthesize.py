@@ -427,3 +427,40 @@ def test_training_checkpoint_model_and_tokenizer(tmp_path, capsys):
         capsys.readouterr().err
     )
     assert len(read_jsonl(out)) == 2
+
+
+def test_llama3_template_with_a_tokenizer_json(tmp_path):
+    """Llama 3's header tokens become single ids (added special tokens of a tokenizer.json), and
+    <|eot_id|> is a stop id: decoding would drop it, so generation is cut on the id."""
+    from tokenizers import AddedToken, Tokenizer, models, pre_tokenizers
+
+    words = ["<unk>", "user", "assistant", "Hi", "there"]
+    raw = Tokenizer(models.WordLevel({w: i for i, w in enumerate(words)}, unk_token="<unk>"))
+    raw.pre_tokenizer = pre_tokenizers.WhitespaceSplit()
+    specials = [
+        "<|begin_of_text|>",
+        "<|end_of_text|>",
+        "<|start_header_id|>",
+        "<|end_header_id|>",
+        "<|eot_id|>",
+    ]
+    raw.add_special_tokens([AddedToken(s, special=True) for s in specials])
+    raw.save(str(tmp_path / "tokenizer.json"))
+    tok = synthesize.load_tokenizer(str(tmp_path), None, None)
+    bot, eot_text, sh, eh, eot = (raw.token_to_id(s) for s in specials)
+    llama = load_template("llama3")
+    assert encode_with_specials(tok, llama.query_prompt()) == [bot, sh, 1, eh]
+    assert encode_with_specials(tok, llama.response_prompt("Hi there")) == [
+        bot,
+        sh,
+        1,
+        eh,
+        3,
+        4,
+        eot,
+        sh,
+        2,
+        eh,
+    ]
+    assert synthesize._stop_ids(tok, llama.instruction_stops() + llama.response_stops()) == (eot, sh, eot)
+    assert tok.eod == eot_text
