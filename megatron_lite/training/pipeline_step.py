@@ -40,6 +40,8 @@ class PipelineStep:
         self.pp_rank, self.group = dims.local.pp, dims.group("pp")
         self.chunks = model_chunks(model, cfg, self.pp_rank)
         self.shape = activation_shape(cfg, dims.tp)
+        if cfg.training.objective == "dpo":  # micro_batch_size counts pairs: two rows each
+            self.shape = (2 * self.shape[0], *self.shape[1:])
         # Hidden states and their gradients travel in the compute dtype (bf16 under bf16 training:
         # half the bytes of fp32), as in Megatron. With bf16 weights the residual stream is bf16
         # already, so the pipelined run still computes what one process does.
