@@ -58,9 +58,9 @@ def dpo_args(prefix: str, tok: str) -> list[str]:
     return [
         *TINY_MODEL,
         *("--data.path", prefix, "--data.tokenizer_type", "HuggingFaceTokenizer"),
-        *("--data.tokenizer_model", tok, "--data.seq_length", "24", "--data.split", "100,0,0"),
+        *("--data.tokenizer_model", tok, "--data.seq_length", "24", "--data.split", "75,25,0"),
         *("--training.objective", "dpo", "--training.dpo_beta", "0.5"),
         *("--training.micro_batch_size", "2", "--training.global_batch_size", "4"),
         *("--training.train_iters", "3", "--optimizer.lr", "1e-2", "--optimizer.lr_warmup_iters", "0"),
-        *("--logging.log_interval", "1000"),
+        *("--logging.log_interval", "1000", "--training.eval_interval", "100", "--training.eval_iters", "1"),
     ]

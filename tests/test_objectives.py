@@ -159,7 +159,7 @@ def test_dpo_loss_values():
 
 def test_dpo_run_logs_rewards_and_starts_at_log2(tmp_path):
     prefix, tok = preprocess_pairs(tmp_path, n=8)
-    cfg = _cfg([*dpo_args(prefix, tok), "--logging.log_interval", "1"])
+    cfg = _cfg([*dpo_args(prefix, tok), "--logging.log_interval", "1", "--training.eval_interval", "3"])
     lines = []
     trainer = setup_training(cfg, init_runtime(cfg), log=lines.append)
     results = trainer.train()
@@ -167,6 +167,7 @@ def test_dpo_run_logs_rewards_and_starts_at_log2(tmp_path):
     assert results[-1].loss < results[0].loss
     train_lines = [line for line in lines if "rewards/accuracy" in line]
     assert len(train_lines) == 3 and "rewards/chosen" in train_lines[0] and "rewards/margin" in train_lines[0]
+    assert any("validation loss at iteration 3 | dpo loss value:" in line for line in lines), lines
     # a second run reads the sidecar instead of scoring again
     lines2 = []
     setup_training(cfg, init_runtime(cfg), log=lines2.append)

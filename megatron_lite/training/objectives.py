@@ -105,6 +105,8 @@ class Objective:
     """Token-mean cross entropy over the loss mask (pretrain and sft)."""
 
     metric_names: tuple[str, ...] = ()
+    loss_name = "lm loss"  # what validation lines call the loss
+    rows = 1  # sequences per sample (throughput counts rows * seq_length tokens per sample)
 
     def __init__(self, cfg: Config):
         self.name = cfg.training.objective
@@ -129,6 +131,8 @@ class DPOObjective(Objective):
     """DPO over paired rows (see the module docstring); reports TRL's reward metrics."""
 
     metric_names = ("rewards/chosen", "rewards/rejected", "rewards/accuracy", "rewards/margin")
+    loss_name = "dpo loss"
+    rows = 2
 
     def __init__(self, cfg: Config):
         super().__init__(cfg)

@@ -91,10 +91,13 @@ class PipelineStep:
 
     @torch.no_grad()
     def loss_sum(self, microbatches: list) -> torch.Tensor:
-        """Forward only: ``sum(mask * token_loss)`` over the microbatches, on every rank."""
+        """Forward only: ``sum(mask * token_loss)`` (or the objective's loss sum) over the microbatches."""
 
         def loss_fn(logits, mb):
-            loss_sum = masked_loss_sum(logits, mb.labels, mb.loss_mask, self.model)
+            if self.objective is not None:
+                loss_sum = self.objective.loss_sum(logits, mb, self.model)
+            else:
+                loss_sum = masked_loss_sum(logits, mb.labels, mb.loss_mask, self.model)
             return loss_sum, loss_sum
 
         return self._executor("eval", len(microbatches)).run(microbatches, loss_fn)[0]

@@ -240,7 +240,10 @@ class Trainer:
 
     @torch.no_grad()
     def evaluate(self) -> float | None:
-        """Token-mean loss over ``training.eval_iters`` global batches of the validation stream."""
+        """Mean loss over ``training.eval_iters`` global batches of the validation stream.
+
+        Token-mean cross entropy for pretrain/sft; the pair-mean DPO loss for dpo.
+        """
         if self.valid_stream is None:
             return None
         self.model.eval()
@@ -249,11 +252,11 @@ class Trainer:
             batches = self.valid_stream.next()
             if self.pipeline is not None:
                 sums[0] += self.pipeline.loss_sum(batches)  # summed over the pipeline group
-                sums[1] += sum(batch.loss_mask.sum() for batch in batches)
+                sums[1] += self.objective.denominator(batches).to(sums)[0]
                 continue
             for batch in batches:
-                sums[0] += microbatch_loss_sum(self.model, batch, self.runtime)
-                sums[1] += batch.loss_mask.sum()
+                sums[0] += microbatch_loss_sum(self.model, batch, self.runtime, self.objective)
+                sums[1] += self.objective.denominator([batch]).to(sums)[0]
         self.model.train()
         sums = self.runtime.all_reduce_dp(sums)
         return float(sums[0] / sums[1].clamp(min=1))
@@ -262,9 +265,10 @@ class Trainer:
         loss = self.evaluate()
         if loss is None:
             return
-        for line in format_validation_lines(self.iteration, {"lm loss": loss}):
+        name = self.objective.loss_name
+        for line in format_validation_lines(self.iteration, {name: loss}):
             self._log(line)
-        self.writers.scalars({"lm-loss-validation/lm loss": loss}, self.iteration)
+        self.writers.scalars({f"lm-loss-validation/{name}": loss}, self.iteration)
 
     # ------------------------------------------------------------------ the loop
 
@@ -323,7 +327,7 @@ class Trainer:
     def _log_summary(self, first: int, started: float, saved_at: int) -> None:
         """One closing line: iterations, tokens, wall time and where the checkpoint is."""
         done = self.iteration - first
-        tokens = done * self.cfg.training.global_batch_size * self.cfg.data.seq_length
+        tokens = done * self.cfg.training.global_batch_size * self.cfg.data.seq_length * self.objective.rows
         where = "no checkpoint (training.save is not set)"
         if self.cfg.training.save and saved_at == self.iteration:
             where = f"checkpoint: {checkpoint.iteration_dir(self.cfg.training.save, saved_at)}"
@@ -351,7 +355,7 @@ class Trainer:
             torch.cuda.synchronize(self.runtime.device)
         seconds = (time.perf_counter() - it.start) / max(it.iters, 1)
         good = max(it.iters - it.skipped, 1)
-        gbs, seq = self.cfg.training.global_batch_size, self.cfg.data.seq_length
+        gbs, seq = self.cfg.training.global_batch_size, self.cfg.data.seq_length * self.objective.rows
         tok_s, tflops, mfu = metrics.throughput(
             gbs * seq, seconds, self.runtime.world_size, self.flops_per_token, self.peak
         )
