@@ -172,3 +172,24 @@ def test_dpo_run_logs_rewards_and_starts_at_log2(tmp_path):
     lines2 = []
     setup_training(cfg, init_runtime(cfg), log=lines2.append)
     assert any("reference log-probs from" in line for line in lines2)
+
+
+def test_sft_trains_on_the_response_masks(tmp_path):
+    import preprocess_data
+    from objectives_common import preference_records
+
+    tok = make_word_tokenizer(tmp_path / "tok")
+    records = [{"prompt": r["prompt"], "response": r["chosen"]} for r in preference_records(16)]
+    (tmp_path / "sft.jsonl").write_text("".join(json.dumps(r) + "\n" for r in records))
+    argv = ["--input", str(tmp_path / "sft.jsonl"), "--output-prefix", str(tmp_path / "sft"), "--instruction"]
+    argv += ["--tokenizer-type", "HuggingFaceTokenizer", "--tokenizer-model", tok, "--log-interval", "0"]
+    assert preprocess_data.main(argv) == 0
+    args = [*TINY_MODEL, "--data.path", str(tmp_path / "sft_text_document"), "--data.seq_length", "16"]
+    args += ["--data.tokenizer_type", "HuggingFaceTokenizer", "--data.tokenizer_model", tok]
+    args += ["--training.train_iters", "2", "--training.micro_batch_size", "2", "--data.split", "100,0,0"]
+    runs = {}
+    for objective in ("pretrain", "sft"):
+        cfg = _cfg([*args, "--training.objective", objective])
+        runs[objective] = setup_training(cfg, init_runtime(cfg), log=lambda _: None).train()
+    assert [(r.loss, r.num_tokens) for r in runs["sft"]] == [(r.loss, r.num_tokens) for r in runs["pretrain"]]
+    assert 0 < runs["sft"][0].num_tokens < 2 * 16  # prompts are masked out of the loss

@@ -28,10 +28,10 @@ Why not a frozen copy in memory (TRL's default, NeMo-Aligner keeps the reference
 host and swaps them in): a second 7B model costs as much memory as the policy's weights on every
 rank and a third more forward compute at every step, while the pass costs one forward per pair
 once. It also needs nothing from the parallel layout (the sidecar is data, read like tokens),
-and a resumed run reads the same numbers. The price is flexibility: a reference other than the
-starting weights needs its own pass (``tools/precompute_ref_logps.py`` style, not provided), and
-an on-policy variant (regenerated pairs) would need a fresh pass per round. TRL offers the same
-choice as ``precompute_ref_log_probs``.
+and a resumed run reads the same numbers. The price is flexibility: the reference is always the
+starting weights (another reference model is not supported), and an on-policy variant
+(regenerated pairs) would need a fresh pass per round. TRL offers the same choice as
+``precompute_ref_log_probs``.
 
 Under tensor parallelism the vocab-parallel cross entropy gives per-token log-probabilities
 without gathering the logits (equal on every tp rank); under pipeline parallelism the logps and
