@@ -27,6 +27,10 @@ LAYOUTS = {
     "tp2": ["--parallel.tensor", "2"],
     "pp2": ["--parallel.pipeline", "2"],
     "dp2": [],
+    "dp2_zero1_overlap": [
+        *("--parallel.distributed_optimizer", "true", "--parallel.overlap_grad_reduce", "true"),
+        *("--parallel.overlap_param_gather", "true"),
+    ],
 }
 
 
