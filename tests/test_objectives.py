@@ -167,7 +167,10 @@ def test_dpo_run_logs_rewards_and_starts_at_log2(tmp_path):
     assert results[-1].loss < results[0].loss
     train_lines = [line for line in lines if "rewards/accuracy" in line]
     assert len(train_lines) == 3 and "rewards/chosen" in train_lines[0] and "rewards/margin" in train_lines[0]
-    assert any("validation loss at iteration 3 | dpo loss value:" in line for line in lines), lines
+    assert "| dpo loss: 6.931472E-01 |" in train_lines[0]
+    assert any(
+        "validation loss at iteration 3 | dpo loss value:" in line and "PPL" not in line for line in lines
+    ), lines
     # a second run reads the sidecar instead of scoring again
     lines2 = []
     setup_training(cfg, init_runtime(cfg), log=lines2.append)

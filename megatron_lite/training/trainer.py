@@ -380,6 +380,7 @@ class Trainer:
             load_balancing_loss=it.aux / good if moe else None,
             z_loss=it.z / good if moe else None,
             loss_scale=self.scaler.scale if self.scaler.enabled else None,
+            loss_name=self.objective.loss_name,
         )
         objective = {k: v / good for k, v in it.objective.items()}
         self._log(format_train_line(stats) + "".join(f" | {k}: {v:.4f}" for k, v in objective.items()))
