@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import json
 import math
+import os
 
 import numpy as np
 import pytest
@@ -196,3 +197,20 @@ def test_sft_trains_on_the_response_masks(tmp_path):
         runs[objective] = setup_training(cfg, init_runtime(cfg), log=lambda _: None).train()
     assert [(r.loss, r.num_tokens) for r in runs["sft"]] == [(r.loss, r.num_tokens) for r in runs["pretrain"]]
     assert 0 < runs["sft"][0].num_tokens < 2 * 16  # prompts are masked out of the loss
+
+
+def test_resume_without_the_reference_sidecar_fails(tmp_path):
+    prefix, tok = preprocess_pairs(tmp_path, n=8)
+    args = [
+        *dpo_args(prefix, tok),
+        "--training.save",
+        str(tmp_path / "ckpt"),
+        "--training.exit_interval",
+        "1",
+    ]
+    cfg = _cfg(args)
+    setup_training(cfg, init_runtime(cfg), log=lambda _: None).train()
+    os.remove(ref_logps_path(prefix))
+    cfg = _cfg([*args, "--training.load", str(tmp_path / "ckpt")])
+    with pytest.raises(DatasetError, match=r"prefs_text_ref_logps.npz is missing and the run resumes"):
+        setup_training(cfg, init_runtime(cfg), log=lambda _: None)

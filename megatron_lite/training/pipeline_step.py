@@ -90,6 +90,14 @@ class PipelineStep:
         return self._executor("train", len(microbatches)).run(microbatches, loss_fn)
 
     @torch.no_grad()
+    def forward(self, microbatches: list, loss_fn) -> torch.Tensor:
+        """Forward only with a custom ``loss_fn(logits, mb) -> (objective, report)`` on the last stage.
+
+        Returns the executor's ``[3]`` totals (the summed reports first), on every rank.
+        """
+        return self._executor("eval", len(microbatches)).run(microbatches, loss_fn)
+
+    @torch.no_grad()
     def loss_sum(self, microbatches: list) -> torch.Tensor:
         """Forward only: ``sum(mask * token_loss)`` (or the objective's loss sum) over the microbatches."""
 

@@ -52,7 +52,7 @@ def _score(trainer, batches: list, ids: list[list[int]], out: torch.Tensor) -> N
             zero = logits.new_zeros((), dtype=torch.float32)
             return zero, zero
 
-        trainer.pipeline._executor("eval", len(batches)).run(batches, loss_fn)
+        trainer.pipeline.forward(batches, loss_fn)
         return
     for mb in batches:
         kwargs = {"position_ids": mb.position_ids, "cu_seqlens": mb.cu_seqlens, "max_seqlen": mb.max_seqlen}
