@@ -346,6 +346,9 @@ class TrainingConfig:
         exit_signal_handler: on SIGTERM finish the iteration, save and exit (status 3: requeue).
         dist_timeout_minutes: process-group timeout; a frozen or dead rank ends the run after it.
         max_consecutive_skips: fp16 only: this many skipped (overflowing) steps in a row stop the run.
+        objective: pretrain (every token), sft (tokens of the data's loss masks; the data must
+            store them) or dpo (preference pairs, ``training/objectives.py``).
+        dpo_beta: DPO's beta: the strength of the implicit KL penalty towards the reference model.
     """
 
     micro_batch_size: int = 1
@@ -376,9 +379,15 @@ class TrainingConfig:
     # fp16 only: stop after this many consecutive skipped (overflowing) steps; bf16/fp32 stop on the
     # first non-finite loss or gradient norm.
     max_consecutive_skips: int = 20
+    # pretrain | sft | dpo (issue 15): the loss of training/objectives.py. Under dpo the batch sizes
+    # count preference pairs (two sequences each), as TRL's and NeMo's do.
+    objective: str = "pretrain"
+    dpo_beta: float = 0.1
 
     def validate(self) -> None:
         """Check sizes and names."""
+        _one_of("training.objective", self.objective, ("pretrain", "sft", "dpo"))
+        _positive("training.dpo_beta", self.dpo_beta)
         _positive("training.micro_batch_size", self.micro_batch_size)
         _positive("training.train_iters", self.train_iters)
         if self.global_batch_size is not None:
@@ -441,6 +450,13 @@ class Config:
                 f"data.seq_length ({self.data.seq_length}) exceeds "
                 f"model.max_position_embeddings ({self.model.max_position_embeddings})"
             )
+        if self.training.objective != "pretrain" and self.data.mock:
+            raise ConfigError(
+                f"training.objective {self.training.objective} needs data with loss masks, but data.mock "
+                "is true (random tokens have none)"
+            )
+        if self.training.objective == "dpo" and self.parallel.context > 1:
+            raise ConfigError("training.objective dpo does not support parallel.context > 1")
         return self
 
     def to_dict(self) -> dict[str, Any]:

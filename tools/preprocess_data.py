@@ -10,6 +10,10 @@ Examples::
     python tools/preprocess_data.py --input sft.jsonl --output-prefix data/sft --instruction \\
         --tokenizer-type MistralTokenizer --pack-seq-length 4096
 
+    # DPO preference pairs {"prompt", "chosen", "rejected"}: chosen/rejected as sequences 2i/2i+1
+    python tools/preprocess_data.py --input prefs.jsonl --output-prefix data/prefs --preference \
+        --tokenizer-type MistralTokenizer
+
 Outputs appear only when the run completes; progress and throughput go to stderr.
 """
 
@@ -89,6 +93,11 @@ def build_parser() -> argparse.ArgumentParser:
         action="store_true",
         help="text + instruction_pairs records (Instruction Pre-Training)",
     )
+    mode.add_argument(
+        "--preference",
+        action="store_true",
+        help="DPO pairs: prompt + chosen + rejected records (TRL's names), loss mask on the responses",
+    )
     g.add_argument("--mix-input", nargs="+", default=[], help="general instruction data mixed in")
     g.add_argument(
         "--mix-ratio", type=float, default=0.0, help="fraction of output examples from --mix-input"
@@ -106,6 +115,7 @@ def build_parser() -> argparse.ArgumentParser:
 def options_from_args(args: argparse.Namespace) -> PreprocessOptions:
     """PreprocessOptions of parsed flags."""
     mode = "instruction" if args.instruction else "augmented" if args.instruction_augmented else "text"
+    mode = "preference" if args.preference else mode
     return PreprocessOptions(
         inputs=args.input,
         output_prefix=args.output_prefix,

@@ -28,6 +28,7 @@ class Batch:
     position_ids: torch.Tensor  # int64 [b, s]
     cu_seqlens: torch.Tensor | None  # int32 [docs + 1] over the flattened batch, or None
     max_seqlen: int  # longest document (s when documents are not separated)
+    ref_logps: torch.Tensor | None = None  # fp32 [b] reference log-probs of each row (dpo only)
 
 
 def _packed_seq_metadata():
@@ -91,10 +92,23 @@ def make_batch(
 
 
 def collate_samples(samples: list[dict[str, np.ndarray]]) -> dict[str, torch.Tensor]:
-    """Stack dataset items into ``{"tokens": int64 [b, s+1]}`` (+ ``"loss_mask"`` float32 [b, s+1])."""
+    """Stack dataset items into ``{"tokens": int64 [b, s+1]}`` (+ ``"loss_mask"`` float32 [b, s+1]).
+
+    Preference items hold two rows each (``tokens`` ``[2, s+1]``, ``ref_logps`` ``[2]``); they
+    are flattened pair by pair, so pair ``i`` of the microbatch is rows ``2i`` (chosen) and
+    ``2i + 1`` (rejected).
+    """
     if not samples:
         raise ValueError("collate_samples needs at least one sample")
-    out = {"tokens": torch.from_numpy(np.stack([s["tokens"] for s in samples]).astype(np.int64))}
+
+    def stack(key, dtype):
+        arr = np.stack([s[key] for s in samples]).astype(dtype)  # [b, s+1] or [b, 2, s+1]
+        return torch.from_numpy(arr.reshape(-1, *arr.shape[2:]) if arr.ndim == 3 else arr)
+
+    out = {"tokens": stack("tokens", np.int64)}
     if "loss_mask" in samples[0]:
-        out["loss_mask"] = torch.from_numpy(np.stack([s["loss_mask"] for s in samples]).astype(np.float32))
+        out["loss_mask"] = stack("loss_mask", np.float32)
+    if "ref_logps" in samples[0]:
+        ref = np.concatenate([s["ref_logps"] for s in samples]).astype(np.float32)  # [2 * pairs]
+        out["ref_logps"] = torch.from_numpy(ref)
     return out

@@ -8,6 +8,8 @@ Record formats (JSONL):
   * ``{"prompt": ..., "response": ...}``
   * ``{"messages": [{"role": "system"|"user"|"assistant", "content": ...}, ...]}`` (ends with
     an assistant turn)
+  * preference pairs (DPO; TRL's field names): ``{"prompt": ..., "chosen": ..., "rejected": ...}``
+    tokenized as two conversations sharing the prompt's tokens (``tokenize_preference``)
   * instruction-augmented pretraining (Instruction Pre-Training, Cheng et al. 2024):
     ``{"text": raw, "instruction_pairs": [{"prompt": q, "response": a}, ...]}`` rendered as the
     raw text followed by its question/answer pairs in ``AUGMENTED_TEMPLATE``.
@@ -81,6 +83,30 @@ def tokenize_conversation(
             ids += piece
             mask += [1] * len(piece)
     return np.asarray(ids, dtype=np.int32), np.asarray(mask, dtype=np.uint8)
+
+
+def tokenize_preference(
+    tokenizer, record: dict, where: str = ""
+) -> list[tuple[np.ndarray, np.ndarray]]:
+    """Chosen and rejected conversations of a preference record, the loss mask on the responses.
+
+    Both start with the same prompt tokens (the prompt is tokenized once, on its own).
+
+    Returns:
+        [(chosen tokens int32 [n], mask uint8 [n]), (rejected tokens, mask)].
+    """
+    for key in ("prompt", "chosen", "rejected"):
+        if not isinstance(record.get(key), str):
+            raise ValueError(
+                f"{where}: preference record needs string 'prompt', 'chosen' and 'rejected' "
+                f"(field '{key}' is {type(record.get(key)).__name__})"
+            )
+    if record["chosen"] == record["rejected"]:
+        raise ValueError(f"{where}: 'chosen' and 'rejected' are the same text")
+    return [
+        tokenize_conversation(tokenizer, [("user", record["prompt"]), ("assistant", record[k])], where)
+        for k in ("chosen", "rejected")
+    ]
 
 
 def augment_text(record: dict, where: str) -> str:

@@ -19,10 +19,15 @@ from dataclasses import dataclass, field
 import numpy as np
 
 from megatron_lite.data.cleaning import MinHasher, QualityFilter, exact_hash
-from megatron_lite.data.instruction import parse_messages, tokenize_augmented, tokenize_conversation
+from megatron_lite.data.instruction import (
+    parse_messages,
+    tokenize_augmented,
+    tokenize_conversation,
+    tokenize_preference,
+)
 from megatron_lite.data.tokenizers import build_tokenizer
 
-MODES = ("text", "instruction", "augmented")
+MODES = ("text", "instruction", "augmented", "preference")
 
 
 class PreprocessError(Exception):
@@ -72,6 +77,8 @@ class PreprocessOptions:
             raise ValueError("--mix-input needs --instruction or --instruction-augmented and --partitions 1")
         if self.pack_seq_length is not None and (self.mode == "text" or self.pack_seq_length < 2):
             raise ValueError("--pack-seq-length needs an instruction mode and a length >= 2")
+        if self.mode == "preference" and (self.pack_seq_length is not None or self.mix_inputs):
+            raise ValueError("--preference pairs are not packed or mixed: drop --pack-seq-length/--mix-input")
         if self.dedup_minhash and not 0.0 < self.minhash_threshold < 1.0:
             raise ValueError(f"--minhash-threshold must lie in (0, 1), got {self.minhash_threshold}")
 
@@ -104,9 +111,15 @@ class Encoder:
         return texts
 
     def _encode_record(self, record, where: str, kind: str) -> tuple[str, dict]:
-        """(text used for cleaning, {key: (tokens int32 [n], loss mask uint8 [n] or None)})."""
+        """(text used for cleaning, {key: (tokens int32 [n], loss mask uint8 [n] or None)}).
+
+        A preference record gives ``{key: [chosen, rejected]}``: two consecutive sequences.
+        """
         key = self.opts.json_keys[0]
         try:
+            if kind == "preference":
+                text = "\n".join(str(record.get(k, "")) for k in ("prompt", "chosen", "rejected"))
+                return text, {key: tokenize_preference(self.tokenizer, record, where)}
             if kind == "instruction":
                 turns = parse_messages(record, where)
                 return "\n".join(c for _, c in turns), {

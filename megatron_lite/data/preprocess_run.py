@@ -60,7 +60,12 @@ class DatasetSink:
     def add(self, docs: dict) -> None:
         """Write (or queue for packing) one record's documents."""
         seq = self.opts.pack_seq_length
-        for key, (tokens, mask) in docs.items():
+        for key, doc in docs.items():
+            if isinstance(doc, list):  # a preference pair: chosen, rejected as sequences 2i, 2i + 1
+                for tokens, mask in doc:
+                    self._write(key, tokens, mask)
+                continue
+            tokens, mask = doc
             if seq is None:
                 self._write(key, tokens, mask)
                 continue

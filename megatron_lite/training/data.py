@@ -76,6 +76,9 @@ def build_datasets(cfg: Config, group=None) -> tuple[Any, Any, Any, int]:
 
     prefixes, _ = parse_blend(list(cfg.data.path))
     check_dataset_vocab(prefixes, cfg.model.vocab_size)
+    check_objective_data(cfg, prefixes)
+    if cfg.training.objective == "dpo":
+        return (*build_preference_datasets(cfg, prefixes[0], tokenizer.pad), tokenizer.eod)
     train, valid, test = build_gpt_datasets(
         cfg.data.path,
         cfg.data.split,
@@ -86,6 +89,41 @@ def build_datasets(cfg: Config, group=None) -> tuple[Any, Any, Any, int]:
         group=group,
     )
     return train, valid, test, tokenizer.eod
+
+
+def check_objective_data(cfg: Config, prefixes: list[str]) -> None:
+    """sft needs loss masks beside every dataset; dpo one preference dataset (no blend)."""
+    from megatron_lite.data.gpt_dataset import loss_mask_prefix
+
+    objective = cfg.training.objective
+    if objective == "sft":
+        for prefix in prefixes:
+            if loss_mask_prefix(prefix) is None:
+                raise DatasetError(
+                    f"{prefix}: training.objective sft needs loss masks but no loss-mask dataset lies beside "
+                    "it; preprocess with --instruction (or use training.objective pretrain)"
+                )
+    if objective == "dpo" and len(prefixes) != 1:
+        raise ConfigError(
+            f"training.objective dpo reads one preference dataset, data.path names {len(prefixes)}"
+        )
+
+
+def build_preference_datasets(cfg: Config, prefix: str, pad_id: int):
+    """(train, valid, test) ``PreferenceDataset``s of the pairs split by ``data.split``."""
+    from megatron_lite.data.gpt_dataset import parse_split, split_ranges
+    from megatron_lite.data.preference import PreferenceDataset
+
+    counts = sample_counts(cfg)
+    probe = PreferenceDataset(prefix, np.arange(1), cfg.data.seq_length, 1, 0, pad_id)  # validates
+    out = []
+    for (start, stop), n in zip(split_ranges(parse_split(cfg.data.split), probe.num_pairs), counts):
+        if n == 0 or stop <= start:
+            out.append(None)
+            continue
+        pairs = np.arange(start, stop, dtype=np.int64)
+        out.append(PreferenceDataset(prefix, pairs, cfg.data.seq_length, n, cfg.training.seed, pad_id))
+    return tuple(out)
 
 
 class BatchStream:
@@ -175,6 +213,8 @@ class BatchStream:
             d.eod_mask_loss,
             sample_loss_mask=samples.get("loss_mask"),
         )
+        if "ref_logps" in samples:  # dpo: [2 * pairs] reference log-probs, rows as in tokens
+            batch = dataclasses.replace(batch, ref_logps=samples["ref_logps"])
         # after make_batch: packing metadata and positions come from the whole rows
         return to_device(shard_batch(batch, *self.context), self.device)
 

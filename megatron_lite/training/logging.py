@@ -39,6 +39,7 @@ class TrainLogStats:
     load_balancing_loss: float | None = None
     z_loss: float | None = None
     loss_scale: float | None = None
+    loss_name: str = "lm loss"  # "dpo loss" under training.objective dpo
 
 
 def format_train_line(s: TrainLogStats) -> str:
@@ -50,7 +51,7 @@ def format_train_line(s: TrainLogStats) -> str:
         f"elapsed time per iteration (ms): {s.ms_per_iter:.1f}",
         f"learning rate: {s.lr:.6E}",
         f"global batch size: {s.global_batch_size:5d}",
-        f"lm loss: {s.lm_loss:.6E}",
+        f"{s.loss_name}: {s.lm_loss:.6E}",
     ]
     if s.load_balancing_loss is not None:
         items.append(f"load balancing loss: {s.load_balancing_loss:.6E}")
@@ -75,8 +76,9 @@ def format_validation_lines(iteration: int, losses: dict[str, float]) -> list[st
     """Megatron's framed ``validation loss at iteration N | lm loss value: ... | lm loss PPL: ...`` block."""
     body = f" validation loss at iteration {iteration} |"
     for key, value in losses.items():
-        ppl = math.exp(min(20.0, value))
-        body += f" {key} value: {value:.6E} | {key} PPL: {ppl:.6E} |"
+        body += f" {key} value: {value:.6E} |"
+        if key == "lm loss":  # a perplexity only for the token cross entropy
+            body += f" {key} PPL: {math.exp(min(20.0, value)):.6E} |"
     rule = "-" * len(body)
     return [rule, body, rule]
 

@@ -5,7 +5,9 @@
 each microbatch back-propagates ``sum(mask * token_loss) / N`` (times the fp16 loss scale) on the
 last stage, and MoE layers weigh their aux losses by ``loss_scale / num_microbatches`` wherever
 they sit. The results are summed over the pipeline group, so every rank (the logging rank, the
-last one, included) holds the loss.
+last one, included) holds the loss. An objective (``objectives.py``) replaces the masked
+token loss on the last stage; its metrics stay there until ``Objective.finish_step`` sums them
+over the pipeline group.
 """
 
 from __future__ import annotations
@@ -28,14 +30,18 @@ class PipelineStep:
         cfg: the run's config (``parallel.schedule``, ``virtual_pipeline``, shapes).
         runtime: this rank's runtime (pipeline group, device, precision).
         model: this rank's model (all layers of its chunks; see ``pipeline.stages``).
+        objective: the training objective (None: the masked token loss).
     """
 
-    def __init__(self, cfg: Config, runtime: Runtime, model: nn.Module):
+    def __init__(self, cfg: Config, runtime: Runtime, model: nn.Module, objective=None):
         self.cfg, self.runtime, self.model = cfg, runtime, model
+        self.objective = objective
         dims = runtime.dims
         self.pp_rank, self.group = dims.local.pp, dims.group("pp")
         self.chunks = model_chunks(model, cfg, self.pp_rank)
         self.shape = activation_shape(cfg, dims.tp)
+        if cfg.training.objective == "dpo":  # micro_batch_size counts pairs: two rows each
+            self.shape = (2 * self.shape[0], *self.shape[1:])
         # Hidden states and their gradients travel in the compute dtype (bf16 under bf16 training:
         # half the bytes of fp32), as in Megatron. With bf16 weights the residual stream is bf16
         # already, so the pipelined run still computes what one process does.
@@ -75,17 +81,31 @@ class PipelineStep:
         scale = loss_weight * grad_scale
 
         def loss_fn(logits, mb):
-            loss_sum = masked_loss_sum(logits, mb.labels, mb.loss_mask, self.model)
+            if self.objective is not None:
+                loss_sum = self.objective.loss_sum(logits, mb, self.model)
+            else:
+                loss_sum = masked_loss_sum(logits, mb.labels, mb.loss_mask, self.model)
             return loss_sum * scale, loss_sum.detach()
 
         return self._executor("train", len(microbatches)).run(microbatches, loss_fn)
 
     @torch.no_grad()
+    def forward(self, microbatches: list, loss_fn) -> torch.Tensor:
+        """Forward only with a custom ``loss_fn(logits, mb) -> (objective, report)`` on the last stage.
+
+        Returns the executor's ``[3]`` totals (the summed reports first), on every rank.
+        """
+        return self._executor("eval", len(microbatches)).run(microbatches, loss_fn)
+
+    @torch.no_grad()
     def loss_sum(self, microbatches: list) -> torch.Tensor:
-        """Forward only: ``sum(mask * token_loss)`` over the microbatches, on every rank."""
+        """Forward only: ``sum(mask * token_loss)`` (or the objective's loss sum) over the microbatches."""
 
         def loss_fn(logits, mb):
-            loss_sum = masked_loss_sum(logits, mb.labels, mb.loss_mask, self.model)
+            if self.objective is not None:
+                loss_sum = self.objective.loss_sum(logits, mb, self.model)
+            else:
+                loss_sum = masked_loss_sum(logits, mb.labels, mb.loss_mask, self.model)
             return loss_sum, loss_sum
 
         return self._executor("eval", len(microbatches)).run(microbatches, loss_fn)[0]

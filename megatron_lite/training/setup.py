@@ -118,7 +118,7 @@ def _build(cfg: Config, runtime: Runtime, log, say, exit_signal) -> Trainer:
         f" > {dims!r}, device {runtime.device}, precision {runtime.precision}, "
         f"{m} microbatch(es) of {mbs} per rank, global batch {cfg.training.global_batch_size}"
     )
-    return Trainer(
+    trainer = Trainer(
         cfg,
         runtime,
         model,
@@ -133,6 +133,11 @@ def _build(cfg: Config, runtime: Runtime, log, say, exit_signal) -> Trainer:
         grad_sync=grad_sync,
         exit_signal=exit_signal,
     )
+    if cfg.training.objective == "dpo":  # reference log-probs: the sidecar, or a pass now
+        from megatron_lite.training.reference import attach_reference_logps
+
+        attach_reference_logps(trainer, [train, valid], eod, state is not None, say)
+    return trainer
 
 
 def _say_schedule_change(cfg: Config, extra: dict, say) -> None:

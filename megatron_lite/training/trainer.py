@@ -24,6 +24,10 @@ Pipeline parallelism (``parallel.pipeline > 1``): ``pipeline_step.PipelineStep``
 ``forward_backward`` with the same objective; the executor walks this rank's schedule, the loss is
 computed on the last stage and summed over the pipeline group, so every rank returns the same
 statistics.
+
+Objectives (``training.objective``, ``objectives.py``): the objective supplies ``N`` (loss-mask
+tokens for pretrain/sft; preference pairs for dpo, which normalises per pair) and each
+microbatch's loss sum; the rules above hold unchanged with that ``N``.
 """
 
 from __future__ import annotations
@@ -48,28 +52,42 @@ from megatron_lite.training.logging import (
 )
 from megatron_lite.training.lr_schedule import LRScheduler
 from megatron_lite.training.model_setup import grad_norm_groups, masked_loss_sum, reduce_gradients
+from megatron_lite.training.objectives import Objective, build_objective
 from megatron_lite.training.optimizer import DynamicLossScaler, clip_grads
 from megatron_lite.training.pipeline_step import PipelineStep
 from megatron_lite.training.runtime import Runtime
 
 
-def microbatch_loss_sum(model: nn.Module, batch, runtime: Runtime) -> torch.Tensor:
-    """Forward one microbatch; return ``sum(token_loss * loss_mask)`` as an fp32 scalar (with graph)."""
+def microbatch_loss_sum(
+    model: nn.Module, batch, runtime: Runtime, objective: Objective | None = None
+) -> torch.Tensor:
+    """Forward one microbatch; return ``sum(token_loss * loss_mask)`` as an fp32 scalar (with graph).
+
+    With an ``objective``, its ``loss_sum`` instead (e.g. the summed DPO loss of the pairs).
+    """
     logits = model(
         batch.tokens,
         position_ids=batch.position_ids,
         cu_seqlens=batch.cu_seqlens,
         max_seqlen=batch.max_seqlen,
     )
+    if objective is not None:
+        return objective.loss_sum(logits, batch, model)
     return masked_loss_sum(logits, batch.labels, batch.loss_mask, model)
 
 
 def forward_backward(
-    model: nn.Module, microbatches: list, runtime: Runtime, loss_weight: float, grad_scale: float = 1.0
+    model: nn.Module,
+    microbatches: list,
+    runtime: Runtime,
+    loss_weight: float,
+    grad_scale: float = 1.0,
+    objective: Objective | None = None,
 ) -> torch.Tensor:
     """Accumulate gradients of ``loss_weight * sum_m loss_sum_m`` (times ``grad_scale`` for fp16).
 
-    MoE layers get ``aux_loss_scale = grad_scale / num_microbatches``.
+    MoE layers get ``aux_loss_scale = grad_scale / num_microbatches``. ``objective`` replaces the
+    masked token loss (``microbatch_loss_sum``).
 
     Returns:
         Detached fp32 ``[3]``: the microbatches' summed masked token losses, and the load-balancing
@@ -80,7 +98,7 @@ def forward_backward(
         layer.aux_loss_scale = grad_scale / len(microbatches)
     totals = torch.zeros(3, dtype=torch.float32, device=runtime.device)
     for batch in microbatches:
-        loss_sum = microbatch_loss_sum(model, batch, runtime)
+        loss_sum = microbatch_loss_sum(model, batch, runtime, objective)
         (loss_sum * (loss_weight * grad_scale)).backward()
         totals[0] += loss_sum.detach()
         stats = [(m.last_aux_loss, m.last_z_loss) for m in moe if m.last_aux_loss is not None]
@@ -101,6 +119,7 @@ class StepResult:
     num_tokens: int
     aux_loss: float | None = None
     z_loss: float | None = None
+    objective_metrics: dict[str, float] = field(default_factory=dict)  # e.g. DPO's rewards/*
 
 
 @dataclass
@@ -115,6 +134,7 @@ class _Interval:
     skipped: int = 0
     nan: int = 0
     bad_norm: float = 0.0  # the last skipped iteration's (non-finite) gradient norm
+    objective: dict[str, float] = field(default_factory=dict)  # summed objective metrics
     start: float = field(default_factory=time.perf_counter)
 
 
@@ -168,8 +188,9 @@ class Trainer:
         self.flops_per_token = metrics.flops_per_token(cfg.model, cfg.data.seq_length)
         self.peak = metrics.device_peak_tflops(runtime.device, cfg.logging.peak_tflops)
         self.is_moe = bool(getattr(model, "moe_layers", list)())
+        self.objective = build_objective(cfg)
         # pp > 1: the executor walks this rank's schedule over its model chunks.
-        self.pipeline = PipelineStep(cfg, runtime, model) if runtime.dims.pp > 1 else None
+        self.pipeline = PipelineStep(cfg, runtime, model, self.objective) if runtime.dims.pp > 1 else None
         self.history: list[StepResult] = []
         self.guard = StepGuard(self.scaler, cfg.training.max_consecutive_skips)
         self.stopped_on_signal = False  # train() left early on a signal (pretrain exits for a requeue)
@@ -184,13 +205,16 @@ class Trainer:
             self.grad_sync.start_step(len(microbatches))  # zero; arm the overlap hooks
         else:
             self.optimizer.zero_grad(set_to_none=True)
-        num_tokens = sum(b.loss_mask.sum() for b in microbatches).to(torch.float32).reshape(1)
-        num_tokens = float(rt.all_reduce_dp(num_tokens))
+        self.objective.start_step(rt.device)
+        # N: loss-mask tokens (pretrain/sft) or preference pairs (dpo) of the global batch
+        num_tokens = float(rt.all_reduce_dp(self.objective.denominator(microbatches).to(rt.device)))
         loss_weight = 1.0 / max(num_tokens, 1.0)
         if self.pipeline is not None:
             loss_sum = self.pipeline.forward_backward(microbatches, loss_weight, self.scaler.scale)
         else:
-            loss_sum = forward_backward(self.model, microbatches, rt, loss_weight, self.scaler.scale)
+            loss_sum = forward_backward(
+                self.model, microbatches, rt, loss_weight, self.scaler.scale, self.objective
+            )
         reduce_gradients(self.model, rt, self.grad_sync)
         self.scaler.unscale_(self.params)
         grad_norm = clip_grads(self.norm_groups, self.cfg.optimizer.clip_grad, rt.device, self.params)
@@ -207,15 +231,19 @@ class Trainer:
         replicas = float(rt.dims.dp * rt.dims.cp)
         stats = rt.all_reduce_dp(loss_sum) / torch.tensor([1.0, replicas, replicas], device=rt.device)
         aux, z = (float(stats[1]), float(stats[2])) if self.is_moe else (None, None)
+        extra = self.objective.finish_step(rt, num_tokens)
         return StepResult(
-            float(stats[0]) / max(num_tokens, 1.0), grad_norm, lr, skipped, int(num_tokens), aux, z
+            float(stats[0]) / max(num_tokens, 1.0), grad_norm, lr, skipped, int(num_tokens), aux, z, extra
         )
 
     # ------------------------------------------------------------------ evaluation
 
     @torch.no_grad()
     def evaluate(self) -> float | None:
-        """Token-mean loss over ``training.eval_iters`` global batches of the validation stream."""
+        """Mean loss over ``training.eval_iters`` global batches of the validation stream.
+
+        Token-mean cross entropy for pretrain/sft; the pair-mean DPO loss for dpo.
+        """
         if self.valid_stream is None:
             return None
         self.model.eval()
@@ -224,11 +252,11 @@ class Trainer:
             batches = self.valid_stream.next()
             if self.pipeline is not None:
                 sums[0] += self.pipeline.loss_sum(batches)  # summed over the pipeline group
-                sums[1] += sum(batch.loss_mask.sum() for batch in batches)
+                sums[1] += self.objective.denominator(batches).to(sums)[0]
                 continue
             for batch in batches:
-                sums[0] += microbatch_loss_sum(self.model, batch, self.runtime)
-                sums[1] += batch.loss_mask.sum()
+                sums[0] += microbatch_loss_sum(self.model, batch, self.runtime, self.objective)
+                sums[1] += self.objective.denominator([batch]).to(sums)[0]
         self.model.train()
         sums = self.runtime.all_reduce_dp(sums)
         return float(sums[0] / sums[1].clamp(min=1))
@@ -237,9 +265,10 @@ class Trainer:
         loss = self.evaluate()
         if loss is None:
             return
-        for line in format_validation_lines(self.iteration, {"lm loss": loss}):
+        name = self.objective.loss_name
+        for line in format_validation_lines(self.iteration, {name: loss}):
             self._log(line)
-        self.writers.scalars({"lm-loss-validation/lm loss": loss}, self.iteration)
+        self.writers.scalars({f"lm-loss-validation/{name}": loss}, self.iteration)
 
     # ------------------------------------------------------------------ the loop
 
@@ -298,7 +327,7 @@ class Trainer:
     def _log_summary(self, first: int, started: float, saved_at: int) -> None:
         """One closing line: iterations, tokens, wall time and where the checkpoint is."""
         done = self.iteration - first
-        tokens = done * self.cfg.training.global_batch_size * self.cfg.data.seq_length
+        tokens = done * self.cfg.training.global_batch_size * self.cfg.data.seq_length * self.objective.rows
         where = "no checkpoint (training.save is not set)"
         if self.cfg.training.save and saved_at == self.iteration:
             where = f"checkpoint: {checkpoint.iteration_dir(self.cfg.training.save, saved_at)}"
@@ -318,13 +347,15 @@ class Trainer:
         it.grad_norm += r.grad_norm
         it.aux += r.aux_loss or 0.0
         it.z += r.z_loss or 0.0
+        for k, v in r.objective_metrics.items():
+            it.objective[k] = it.objective.get(k, 0.0) + v
 
     def _log_interval(self, it: _Interval) -> None:
         if self.runtime.device.type == "cuda":
             torch.cuda.synchronize(self.runtime.device)
         seconds = (time.perf_counter() - it.start) / max(it.iters, 1)
         good = max(it.iters - it.skipped, 1)
-        gbs, seq = self.cfg.training.global_batch_size, self.cfg.data.seq_length
+        gbs, seq = self.cfg.training.global_batch_size, self.cfg.data.seq_length * self.objective.rows
         tok_s, tflops, mfu = metrics.throughput(
             gbs * seq, seconds, self.runtime.world_size, self.flops_per_token, self.peak
         )
@@ -349,8 +380,10 @@ class Trainer:
             load_balancing_loss=it.aux / good if moe else None,
             z_loss=it.z / good if moe else None,
             loss_scale=self.scaler.scale if self.scaler.enabled else None,
+            loss_name=self.objective.loss_name,
         )
-        self._log(format_train_line(stats))
+        objective = {k: v / good for k, v in it.objective.items()}
+        self._log(format_train_line(stats) + "".join(f" | {k}: {v:.4f}" for k, v in objective.items()))
         self.writers.scalars(
             {
                 "lm loss": stats.lm_loss,
@@ -362,6 +395,7 @@ class Trainer:
                 "mem-gib": stats.mem_gib,
                 "load-balancing-loss": stats.load_balancing_loss,
                 "z-loss": stats.z_loss,
+                **objective,
             },
             self.iteration,
         )
