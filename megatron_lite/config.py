@@ -346,6 +346,8 @@ class TrainingConfig:
         exit_signal_handler: on SIGTERM finish the iteration, save and exit (status 3: requeue).
         dist_timeout_minutes: process-group timeout; a frozen or dead rank ends the run after it.
         max_consecutive_skips: fp16 only: this many skipped (overflowing) steps in a row stop the run.
+        ema_decay: keep an fp32 exponential moving average of the weights with this decay, in [0, 1);
+            None or 0 keeps none (``training/ema.py``).
     """
 
     micro_batch_size: int = 1
@@ -376,9 +378,20 @@ class TrainingConfig:
     # fp16 only: stop after this many consecutive skipped (overflowing) steps; bf16/fp32 stop on the
     # first non-finite loss or gradient norm.
     max_consecutive_skips: int = 20
+    # EMA of the weights (ema = decay * ema + (1 - decay) * fp32 main param after each applied step),
+    # saved with checkpoints; convert_checkpoint.py --weights ema exports it. None or 0: off.
+    ema_decay: float | None = None
 
     def validate(self) -> None:
         """Check sizes and names."""
+        if self.ema_decay is not None and (
+            not isinstance(self.ema_decay, (int, float))
+            or isinstance(self.ema_decay, bool)
+            or not 0.0 <= self.ema_decay < 1.0
+        ):
+            raise ConfigError(
+                f"training.ema_decay ({self.ema_decay!r}) must be a number in [0, 1) (0 or null: no EMA)"
+            )
         _positive("training.micro_batch_size", self.micro_batch_size)
         _positive("training.train_iters", self.train_iters)
         if self.global_batch_size is not None:
