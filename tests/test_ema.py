@@ -19,7 +19,7 @@ from dist_utils import run_distributed
 from tiny import TINY_MODEL
 
 from megatron_lite.config import ConfigError, load_config
-from megatron_lite.training.convert_stream import HFSource
+from megatron_lite.training.convert_stream import CheckpointSource, HFSource
 from megatron_lite.training.runtime import check_run_config, init_runtime
 from megatron_lite.training.setup import setup_training
 
@@ -151,6 +151,13 @@ def test_export_ema_to_hf_and_refuse_without_ema(tmp_path, capsys):
     assert convert(["--input", ckpt, "--output", model_hf, "--to", "hf", "--dtype", "fp32"]) == 0
     name = next(iter(want))
     assert torch.equal(HFSource(model_hf).get(name), trainer.optimizer.mains[name].detach())
+
+    tp2 = str(tmp_path / "tp2")  # --with-optimizer reshards the EMA along with the moments
+    args = ["--to", "megatron_lite", "--tensor", "2", "--with-optimizer"]
+    assert convert(["--input", ckpt, "--output", tp2, *args]) == 0
+    resharded = CheckpointSource(tp2, weights="ema")
+    assert resharded.dims.tp == 2
+    _assert_equal({name: resharded.get(name) for name in want}, want, "tp2 reshard")
 
     plain = str(tmp_path / "plain")
     _trainer("--training.ema_decay", "0", "--training.save", plain, "--training.train_iters", "2").train()
