@@ -28,7 +28,7 @@ TINY = [
     *TINY_MODEL,
     *("--data.mock", "true", "--data.seq_length", "16", "--logging.log_interval", "1000"),
     *("--training.micro_batch_size", "2", "--training.global_batch_size", "4", "--training.train_iters", "4"),
-    *("--optimizer.lr", "3e-3", "--optimizer.lr_warmup_iters", "1", "--optimizer.clip_grad", "0.5"),
+    *("--optimizer.lr", "3e-3", "--optimizer.lr_warmup_iters", "0", "--optimizer.clip_grad", "0.5"),
     *("--training.ema_decay", DECAY),
 ]
 ZERO1 = ["--parallel.distributed_optimizer", "true", "--parallel.grad_bucket_mb", "0.02"]
@@ -120,21 +120,21 @@ def test_ema_equals_direct_loop_and_resumes_bit_for_bit(tmp_path, precision):
 
 
 def test_skipped_fp16_steps_leave_the_ema(tmp_path):
-    """Loss scales that overflow at iterations 1 and 3: skipped steps move neither weights nor EMA."""
+    """A loss scale that overflows at iteration 3: the skipped step moves neither weights nor EMA."""
     trainer = _trainer("--training.precision", "fp16")
-    trainer.scaler.scale = 2.0**20  # overflows at the first step on this data
+    scales = {0: 2.0**16, 2: 2.0**24, 3: 2.0**16}  # before iteration i + 1; 2**24 overflows here
     step = trainer.train_step
 
     def overflow_at_3(microbatches):
-        if len(trainer.history) == 2:
-            trainer.scaler.scale = 2.0**24
+        trainer.scaler.scale = scales.get(len(trainer.history), trainer.scaler.scale)
         return step(microbatches)
 
     trainer.train_step = overflow_at_3
     seen = _run_recording(trainer)
-    skipped = [r.skipped for r in trainer.history]
-    assert skipped[:3] == [True, False, True], skipped
-    assert len(seen) == 1 + skipped.count(False)
+    assert [r.skipped for r in trainer.history] == [False, False, True, False]
+    assert len(seen) == 4
+    for before, after in zip(seen, seen[1:]):  # every applied step moved the weights
+        assert any(not torch.equal(before[n], after[n]) for n in before)
     _assert_equal(trainer.ema.state_dict(trainer.model), _direct_ema(seen, float(DECAY)), "fp16")
 
 
