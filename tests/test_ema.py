@@ -98,15 +98,16 @@ def test_zero_decay_keeps_no_ema():
     assert _trainer("--training.ema_decay", "0", "--training.train_iters", "2").ema is None
 
 
-@pytest.mark.parametrize("precision", ["fp32", "bf16"])
+@pytest.mark.parametrize("precision", ["fp32", "bf16", "bf16_zero1"])
 def test_ema_equals_direct_loop_and_resumes_bit_for_bit(tmp_path, precision):
-    """bf16: the average follows the fp32 main copies (the bf16 weights would round it)."""
-    prec = ("--training.precision", precision)
+    """bf16: the average follows the fp32 main copies (the bf16 weights would round it); bf16_zero1:
+    the distributed optimizer's own fp32 shard pieces (one process)."""
+    prec = ("--training.precision", precision.split("_")[0], *(ZERO1 if "zero1" in precision else ()))
     seen = _run_recording(uninterrupted := _trainer(*prec))
     want = _direct_ema(seen, float(DECAY))
     got = uninterrupted.ema.state_dict(uninterrupted.model)
     _assert_equal(got, want, f"{precision} uninterrupted")
-    if precision == "bf16":  # the bf16 weights are not what is averaged: they differ from the mains
+    if precision != "fp32":  # the bf16 weights are not what is averaged: they differ from the mains
         named = dict(uninterrupted.model.named_parameters())
         assert all(p.dtype == torch.bfloat16 for p in named.values())
         assert any(not torch.equal(p.float(), seen[-1][n]) for n, p in named.items())
@@ -179,11 +180,13 @@ def _dp2_body(rank: int, world_size: int, root: str) -> None:
     _assert_equal(gathered, _direct_ema(seen, float(DECAY)), f"dp2 rank {rank}")
     trainer.runtime.dims.destroy_groups()
     resumed = _trainer(*ZERO1, "--training.load", ckpt, world_size=2)  # iterations 3-4
-    resumed.train()
+    seen_after = _run_recording(resumed)
     final = resumed.ema.state_dict(resumed.model)
+    _assert_equal(final, _direct_ema([gathered, *seen_after[1:]], float(DECAY)), f"dp2 resumed rank {rank}")
+    weights = _main_values(resumed)
     resumed.runtime.dims.destroy_groups()
     if rank == 0:
-        torch.save(final, os.path.join(root, "dp2_final.pt"))
+        torch.save({"ema": final, "weights": weights}, os.path.join(root, "dp2_final.pt"))
 
 
 @pytest.mark.slow
@@ -194,9 +197,16 @@ def test_dp2_zero1_ema_equals_one_process_and_reshards(tmp_path):
     want = reference.ema.state_dict(reference.model)
     run_distributed(_dp2_body, 2, str(tmp_path))
     got = torch.load(tmp_path / "dp2_final.pt", weights_only=True)
-    for name in want:  # the gradient sums run in another order over two ranks: rounding only
-        torch.testing.assert_close(got[name], want[name], rtol=1e-5, atol=1e-6, msg=name)
+    # Two ranks sum the gradients in another order; Adam's full-lr first step turns that rounding of
+    # near-zero gradients into weight differences of up to ~4e-6 here (the weights themselves,
+    # checked below). The EMA, a convex combination of the weights, is held to the same bound.
+    weights = _main_values(reference)
+    for name in want:
+        torch.testing.assert_close(got["weights"][name], weights[name], rtol=1e-5, atol=1e-5, msg=name)
+        torch.testing.assert_close(got["ema"][name], want[name], rtol=1e-5, atol=1e-5, msg=name)
     one = _trainer(*ZERO1, "--training.load", str(tmp_path / "ckpt"))  # dp 2 -> dp 1 at iteration 2
+    stored = torch.load(tmp_path / "ckpt/iter_0000002/mp_rank_00/model_optim_rng.pt", weights_only=True)
+    _assert_equal(one.ema.state_dict(one.model), stored["ema"], "dp2 -> dp1")
     one.train()
     for name, t in one.ema.state_dict(one.model).items():
-        torch.testing.assert_close(t, want[name], rtol=1e-5, atol=1e-6, msg=name)
+        torch.testing.assert_close(t, want[name], rtol=1e-5, atol=1e-5, msg=name)
