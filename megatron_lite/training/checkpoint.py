@@ -10,7 +10,8 @@ Layout (names follow Megatron's so tools recognise them)::
 
 ``model_optim_rng.pt`` holds the local model's state dict under canonical parameter names (with
 tensor/expert parallelism: this rank's shards; resharding is a separate tool), the optimizer,
-scheduler and loss-scaler states, the iteration and the consumed sample counts. Exactly one rank
+scheduler and loss-scaler states, the iteration and the consumed sample counts (and, with
+``training.ema_decay``, the fp32 EMA of the weights under ``"ema"``, ``training/ema.py``). Exactly one rank
 writes each distinct shard set: the lowest rank with the same (tp, etp, ep, pp) coordinates, as
 data-parallel replicas hold identical states. With the distributed optimizer they do not: the
 shard writer's file holds only the optimizer's layout, and every rank writes its own AdamW shard as
