@@ -339,6 +339,8 @@ class TrainingConfig:
         save_interval: iterations between checkpoints (and one at the end).
         load: checkpoint directory to resume from.
         keep_last_checkpoints: delete all but the newest N iter_* directories after each save.
+        ema_decay: keep an fp32 exponential moving average of the weights with this decay, in [0, 1);
+            None or 0 keeps none (``training/ema.py``); saved with the checkpoints.
         initial_load: weights to start from when load holds no checkpoint: HF directory or checkpoint.
         eval_interval: iterations between validation runs; None never evaluates.
         eval_iters: iterations per validation run.
@@ -346,8 +348,6 @@ class TrainingConfig:
         exit_signal_handler: on SIGTERM finish the iteration, save and exit (status 3: requeue).
         dist_timeout_minutes: process-group timeout; a frozen or dead rank ends the run after it.
         max_consecutive_skips: fp16 only: this many skipped (overflowing) steps in a row stop the run.
-        ema_decay: keep an fp32 exponential moving average of the weights with this decay, in [0, 1);
-            None or 0 keeps none (``training/ema.py``).
     """
 
     micro_batch_size: int = 1
@@ -363,6 +363,9 @@ class TrainingConfig:
     save_interval: int | None = None
     load: str | None = None
     keep_last_checkpoints: int | None = None  # delete older iter_* directories after each save
+    # EMA of the weights (ema = decay * ema + (1 - decay) * fp32 main param after each applied step),
+    # saved with checkpoints; convert_checkpoint.py --weights ema exports it. None or 0: off.
+    ema_decay: float | None = None
     # weights to start from when training.load holds no checkpoint (continued pretraining): a
     # Hugging Face directory or a training checkpoint of any (tp, pp, ep) layout
     initial_load: str | None = None
@@ -378,20 +381,9 @@ class TrainingConfig:
     # fp16 only: stop after this many consecutive skipped (overflowing) steps; bf16/fp32 stop on the
     # first non-finite loss or gradient norm.
     max_consecutive_skips: int = 20
-    # EMA of the weights (ema = decay * ema + (1 - decay) * fp32 main param after each applied step),
-    # saved with checkpoints; convert_checkpoint.py --weights ema exports it. None or 0: off.
-    ema_decay: float | None = None
 
     def validate(self) -> None:
         """Check sizes and names."""
-        if self.ema_decay is not None and (
-            not isinstance(self.ema_decay, (int, float))
-            or isinstance(self.ema_decay, bool)
-            or not 0.0 <= self.ema_decay < 1.0
-        ):
-            raise ConfigError(
-                f"training.ema_decay ({self.ema_decay!r}) must be a number in [0, 1) (0 or null: no EMA)"
-            )
         _positive("training.micro_batch_size", self.micro_batch_size)
         _positive("training.train_iters", self.train_iters)
         if self.global_batch_size is not None:
@@ -407,6 +399,11 @@ class TrainingConfig:
         for name in ("save_interval", "eval_interval", "exit_interval", "keep_last_checkpoints"):
             if getattr(self, name) is not None:
                 _positive(f"training.{name}", getattr(self, name))
+        decay = self.ema_decay
+        if decay is not None and (
+            not isinstance(decay, (int, float)) or isinstance(decay, bool) or not 0.0 <= decay < 1.0
+        ):
+            raise ConfigError(f"training.ema_decay ({decay!r}) must be a number in [0, 1) (0 or null: no EMA)")
 
 
 @dataclass

@@ -95,7 +95,8 @@ class WeightEMA:
         mine = {(p.name, p.lo): v for p, v in zip(self.pieces, self.values)}
         out = {}
         for buffer in self.grad_sync.buffers:
-            full = torch.zeros(buffer.data.numel(), dtype=torch.float32, device=buffer.data.device)
+            numel = buffer.buckets[-1].end if buffer.buckets else 0  # the whole buffer, every dp shard
+            full = torch.zeros(numel, dtype=torch.float32, device=buffer.data.device)  # [numel]
             for bucket in buffer.buckets:
                 lo, hi = buffer.shard_range(bucket)
                 for name, (start, end) in zip(bucket.names, bucket.ranges):
