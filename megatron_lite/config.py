@@ -403,7 +403,7 @@ class TrainingConfig:
         if decay is not None and (
             not isinstance(decay, (int, float)) or isinstance(decay, bool) or not 0.0 <= decay < 1.0
         ):
-            raise ConfigError(f"training.ema_decay ({decay!r}) must be a number in [0, 1) (0 or null: no EMA)")
+            raise ConfigError(f"training.ema_decay ({decay!r}) must be a number in [0, 1) (0 or null: off)")
 
 
 @dataclass
