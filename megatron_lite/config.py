@@ -339,6 +339,8 @@ class TrainingConfig:
         save_interval: iterations between checkpoints (and one at the end).
         load: checkpoint directory to resume from.
         keep_last_checkpoints: delete all but the newest N iter_* directories after each save.
+        ema_decay: keep an fp32 exponential moving average of the weights with this decay, in [0, 1);
+            None or 0 keeps none (``training/ema.py``); saved with the checkpoints.
         initial_load: weights to start from when load holds no checkpoint: HF directory or checkpoint.
         eval_interval: iterations between validation runs; None never evaluates.
         eval_iters: iterations per validation run.
@@ -364,6 +366,9 @@ class TrainingConfig:
     save_interval: int | None = None
     load: str | None = None
     keep_last_checkpoints: int | None = None  # delete older iter_* directories after each save
+    # EMA of the weights (ema = decay * ema + (1 - decay) * fp32 main param after each applied step),
+    # saved with checkpoints; convert_checkpoint.py --weights ema exports it. None or 0: off.
+    ema_decay: float | None = None
     # weights to start from when training.load holds no checkpoint (continued pretraining): a
     # Hugging Face directory or a training checkpoint of any (tp, pp, ep) layout
     initial_load: str | None = None
@@ -403,6 +408,11 @@ class TrainingConfig:
         for name in ("save_interval", "eval_interval", "exit_interval", "keep_last_checkpoints"):
             if getattr(self, name) is not None:
                 _positive(f"training.{name}", getattr(self, name))
+        decay = self.ema_decay
+        if decay is not None and (
+            not isinstance(decay, (int, float)) or isinstance(decay, bool) or not 0.0 <= decay < 1.0
+        ):
+            raise ConfigError(f"training.ema_decay ({decay!r}) must be a number in [0, 1) (0 or null: off)")
 
 
 @dataclass

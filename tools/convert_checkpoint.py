@@ -20,6 +20,9 @@ checkpoint directory (``latest_checkpointed_iteration.txt``, ``iter_*/mp_rank_*`
     python tools/convert_checkpoint.py --input runs/ckpt --output ckpt_tp4 --to megatron_lite \
         --tensor 4 --with-optimizer
 
+    # the exponential moving average of the weights (a run with training.ema_decay) -> Hugging Face
+    python tools/convert_checkpoint.py --input runs/ckpt --output hf_ema --to hf --weights ema
+
 Conversion streams: one tensor is read at a time and one output file is built at a time (the HF
 side is written tensor by tensor), so memory stays near the size of the largest output file
 whatever the size of the model. Weights keep the input's dtype unless ``--dtype`` is given.
@@ -64,6 +67,13 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
     p.add_argument("--expert-tensor", type=int, default=None, help="target expert tensor parallel size")
     p.add_argument("--max-shard-gb", type=float, default=5.0, help="HF output: safetensors file size limit")
     p.add_argument("--overwrite", action="store_true", help="replace the output directory if it exists")
+    p.add_argument(
+        "--weights",
+        choices=("model", "ema"),
+        default="model",
+        help="training checkpoint input: the weights (model) or their moving average (ema, from a run "
+        "with training.ema_decay)",
+    )
     p.add_argument(
         "--with-optimizer",
         action="store_true",
@@ -148,7 +158,7 @@ def write_training(args, target: Config, dtype, log) -> Path:
         log(f"read training checkpoint {args.input} with optimizer states (iteration {resume.iteration})")
         final = write_model_checkpoint(full, target, root, progress=log, resume=resume, dtype=dtype)
     else:
-        source = open_source(args.input, args.iteration)
+        source = open_source(args.input, args.iteration, args.weights)
         log(f"reading {source.describe()} tensor by tensor")
         origin = source.path if isinstance(source, HFSource) else None
         try:
@@ -169,7 +179,7 @@ def write_hf(args, dtype, log) -> None:
     from megatron_lite.models.hf_io import write_hf_checkpoint
     from megatron_lite.training.convert_stream import HFSource, open_source
 
-    source = open_source(args.input, args.iteration)
+    source = open_source(args.input, args.iteration, args.weights)
     log(f"reading {source.describe()} tensor by tensor")
     try:
         cfg = source.config
@@ -198,6 +208,10 @@ def main(argv: list[str] | None = None) -> int:
         if args.with_optimizer and args.to != "megatron_lite":
             raise CheckpointError(
                 "--with-optimizer converts a training checkpoint to --to megatron_lite only"
+            )
+        if args.with_optimizer and args.weights == "ema":
+            raise CheckpointError(
+                "--weights ema exports the EMA as weights; --with-optimizer keeps training the weights"
             )
         cfg = input_config(args)  # reads config files only
         check_output(args)

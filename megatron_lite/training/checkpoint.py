@@ -10,7 +10,8 @@ Layout (names follow Megatron's so tools recognise them)::
 
 ``model_optim_rng.pt`` holds the local model's state dict under canonical parameter names (with
 tensor/expert parallelism: this rank's shards; resharding is a separate tool), the optimizer,
-scheduler and loss-scaler states, the iteration and the consumed sample counts. Exactly one rank
+scheduler and loss-scaler states, the iteration and the consumed sample counts (and, with
+``training.ema_decay``, the fp32 EMA of the weights under ``"ema"``, ``training/ema.py``). Exactly one rank
 writes each distinct shard set: the lowest rank with the same (tp, etp, ep, pp) coordinates, as
 data-parallel replicas hold identical states. With the distributed optimizer they do not: the
 shard writer's file holds only the optimizer's layout, and every rank writes its own AdamW shard as
@@ -149,6 +150,7 @@ def save(
     extra: dict[str, Any] | None = None,
     keep_last: int | None = None,
     gather: Callable[[Any], list[Any]] = _gather_one,
+    ema=None,
 ) -> Path:
     """Write checkpoint ``iteration`` under ``root``; every rank calls this.
 
@@ -165,6 +167,8 @@ def save(
             ``iter_*`` directories (None keeps everything).
         gather: all-gathers one picklable object per rank into a rank-ordered list (identity list
             on one process); every rank learns of a failure anywhere, so none waits alone.
+        ema: the run's ``training.ema.WeightEMA`` or None; its full local state is stored under
+            ``"ema"`` next to ``"model"`` (all ranks call this: ZeRO-1 pieces are gathered).
 
     Returns:
         The final ``iter_N`` directory.
@@ -180,6 +184,7 @@ def save(
     # part: the distributed optimizer gathers its shards); fp32 weights: the model's own.
     main_state = getattr(optimizer, "model_state_dict", None)
     model_state = main_state(model) if main_state is not None else model.state_dict()
+    ema_state = ema.state_dict(model) if ema is not None else None
     bad = first_error(gather(first_nonfinite(model_state)))
     if bad is not None:
         raise CheckpointError(
@@ -208,6 +213,7 @@ def save(
                 consumed_samples,
                 config_yaml,
                 extra,
+                ema_state,
             )
         except (OSError, RuntimeError) as exc:  # torch.save wraps a failed write in RuntimeError
             error = os_reason(exc, tmp)
@@ -230,7 +236,8 @@ def save(
 
 
 def _write_rank_files(
-    tmp, rank, dims, iteration, model_state, optimizer, scheduler, consumed_samples, config_yaml, extra
+    tmp, rank, dims, iteration, model_state, optimizer, scheduler, consumed_samples, config_yaml, extra,
+    ema_state=None,
 ) -> dict[str, str]:
     """This rank's files of checkpoint ``tmp``; returns ``{path relative to tmp: sha256}``."""
     digests = {}
@@ -245,6 +252,8 @@ def _write_rank_files(
             "config": config_yaml,
             "extra": extra or {},
         }
+        if ema_state is not None:
+            state["ema"] = ema_state
         name = f"{shard_name(dims, rank)}/{MODEL_FILE}"
         digests[name] = atomic_save(state, tmp / name)
     if hasattr(optimizer, "sharded_state_dict"):  # distributed optimizer: every dp rank's own shard
@@ -339,7 +348,8 @@ def load(
     """Restore the latest (or the given) checkpoint into the local objects; every rank calls this.
 
     Returns:
-        ``{"iteration", "consumed_samples", "extra"}``, or None when ``root`` has no tracker file
+        ``{"iteration", "consumed_samples", "extra", "ema", "path"}`` (``"ema"``: the stored EMA
+        state dict or None; ``"path"``: the model file read), or None when ``root`` has no tracker file
         and no iteration was asked for (nothing to resume).
 
     Raises:
@@ -386,6 +396,8 @@ def load(
         "iteration": int(state["iteration"]),
         "consumed_samples": int(state["consumed_samples"]),
         "extra": state.get("extra", {}),
+        "ema": state.get("ema"),
+        "path": path,
     }
 
 

@@ -4,7 +4,8 @@ Adam's moments have the shape of their parameter, so they are resharded with the
 shard rule (``parallel.sharding``): reassembled to canonical full tensors from every shard file,
 then cut for each rank of the new layout. The plain optimizer's state is indexed by position, in
 the order ``optimizer.param_groups`` builds (decayed parameters in model order, then the others),
-which is how positions are turned back into canonical names here.
+which is how positions are turned back into canonical names here. A checkpoint's EMA of the
+weights (``training.ema_decay``, key ``"ema"``) is resharded the same way and kept.
 
 Memory: the whole model's moments are held at once (8 bytes per parameter on top of the weights),
 as any offline resharding of a non-distributed checkpoint must.
@@ -39,6 +40,7 @@ class ResumeState:
     moments: dict[str, dict[str, torch.Tensor]]  # canonical name -> {"exp_avg", "exp_avg_sq"}: full
     step: torch.Tensor
     group_options: dict[bool, dict]  # decayed? -> the source's param-group options (lr, betas, ...)
+    ema: dict[str, torch.Tensor] | None = None  # canonical name -> full EMA (training.ema_decay runs)
 
     def shard_state(
         self, local_model: dict[str, torch.Tensor], model_cfg: ModelConfig, coords, config_yaml: str
@@ -58,7 +60,7 @@ class ResumeState:
                     {**self.group_options[decayed], "params": list(range(start, start + len(members)))}
                 )
                 start += len(members)
-        return {
+        out = {
             "iteration": self.iteration,
             "consumed_samples": self.consumed_samples,
             "model": local_model,
@@ -67,6 +69,9 @@ class ResumeState:
             "config": config_yaml,
             "extra": self.extra,
         }
+        if self.ema is not None:  # resharded with each weight's own rule, like the moments
+            out["ema"] = {n: shard_tensor(self.ema[n], n, model_cfg, coords).clone() for n in local_model}
+        return out
 
 
 def _plain_local_states(optim: dict, model_state: dict) -> tuple[dict, torch.Tensor | None, dict]:
@@ -116,6 +121,7 @@ def read_training_state(
     """
     cfg, it_dir, dims, states = read_shard_states(root, iteration, progress)
     weights: dict[str, dict[int, torch.Tensor]] = {}
+    emas: dict[str, dict[int, torch.Tensor]] = {}  # the EMA of the weights, when every shard has one
     moments: dict[str, dict[str, dict[int, torch.Tensor]]] = {key: {} for key in MOMENTS}
     options: dict[bool, dict] = {}
     step = None
@@ -127,6 +133,8 @@ def read_training_state(
             )
         for name, tensor in state["model"].items():
             weights.setdefault(name, {})[rank] = tensor
+        for name, tensor in (state.get("ema") or {}).items():
+            emas.setdefault(name, {})[rank] = tensor
         if "distributed_optimizer" in optim:
             local, step, groups = _distributed_local_states(it_dir, dims, rank, state["model"])
         else:
@@ -143,6 +151,7 @@ def read_training_state(
     names = canonical_names(cfg.model)
     full_moments = {key: unshard_all(moments[key], names, cfg, dims, it_dir) for key in MOMENTS}
     first = states[min(states)]
+    with_ema = all(state.get("ema") is not None for state in states.values())
     resume = ResumeState(
         iteration=int(first["iteration"]),
         consumed_samples=int(first["consumed_samples"]),
@@ -151,5 +160,6 @@ def read_training_state(
         moments={n: {key: full_moments[key][n] for key in MOMENTS} for n in names},
         step=step,
         group_options=options,
+        ema=unshard_all(emas, names, cfg, dims, it_dir) if with_ema else None,
     )
     return cfg, unshard_all(weights, names, cfg, dims, it_dir), resume

@@ -82,10 +82,14 @@ def _lazy_state(file: Path) -> dict:
 
 
 class CheckpointSource:
-    """The model weights of a training checkpoint of any (tp, pp, ep) layout, one tensor at a time."""
+    """The model weights of a training checkpoint of any (tp, pp, ep) layout, one tensor at a time.
 
-    def __init__(self, root: str | Path, iteration: int | None = None):
-        self.root = Path(root)
+    ``weights``: ``"model"`` reads the weights (the fp32 main values under mixed precision),
+    ``"ema"`` their exponential moving average (``training.ema_decay``, stored under ``"ema"``).
+    """
+
+    def __init__(self, root: str | Path, iteration: int | None = None, weights: str = "model"):
+        self.root, self.key = Path(root), weights
         self.config, self.iteration = read_checkpoint_config(root, iteration)
         par = self.config.parallel
         self.dims = layout_dims(par.tensor, par.pipeline, par.expert, par.expert_tensor)
@@ -98,7 +102,13 @@ class CheckpointSource:
         stage_of: dict[str, int] = {}
         for rank, file in self.files.items():
             pp = self.dims.coords(rank).pp
-            for name in _lazy_state(file)["model"]:
+            state = _lazy_state(file)
+            if state.get(self.key) is None:
+                raise CheckpointError(
+                    f"{file}: holds no EMA weights (the run was trained without training.ema_decay); "
+                    "export --weights model"
+                )
+            for name in state[self.key]:
                 # a tied embedding is stored by the first and the last stage: read the first's
                 if stage_of.setdefault(name, pp) == pp:
                     self.holders.setdefault(name, []).append(rank)
@@ -106,8 +116,9 @@ class CheckpointSource:
     def describe(self) -> str:
         """One line for the progress log."""
         par = self.config.parallel
+        what = "EMA weights of training checkpoint" if self.key == "ema" else "training checkpoint"
         return (
-            f"training checkpoint {self.root} iteration {self.iteration} "
+            f"{what} {self.root} iteration {self.iteration} "
             f"(tp={par.tensor}, pp={par.pipeline}, ep={par.expert})"
         )
 
@@ -117,7 +128,7 @@ class CheckpointSource:
             raise CheckpointError(f"{self.it_dir}: no shard file holds {name}")
         pieces = {}
         for rank in self.holders[name]:
-            model = _lazy_state(self.files[rank])["model"]
+            model = _lazy_state(self.files[rank])[self.key]
             if name not in model:
                 raise CheckpointError(f"{self.files[rank]}: lost tensor {name} while converting")
             pieces[rank] = model[name]
@@ -129,7 +140,7 @@ class CheckpointSource:
     def dtype(self) -> torch.dtype:
         """The dtype of the weights (of the first stored tensor; its data is not read)."""
         rank = min(self.files)
-        return next(iter(_lazy_state(self.files[rank])["model"].values())).dtype
+        return next(iter(_lazy_state(self.files[rank])[self.key].values())).dtype
 
     def close(self) -> None:
         """Nothing stays open between tensors."""
@@ -156,12 +167,19 @@ class LazyState(Mapping):
         return len(self.source.holders)
 
 
-def open_source(path: str | Path, iteration: int | None = None) -> HFSource | CheckpointSource:
-    """The conversion input at ``path``: an HF directory or a training checkpoint (detected)."""
+def open_source(
+    path: str | Path, iteration: int | None = None, weights: str = "model"
+) -> HFSource | CheckpointSource:
+    """The conversion input at ``path``: an HF directory or a training checkpoint (detected).
+
+    ``weights="ema"`` reads a training checkpoint's EMA of the weights (``CheckpointSource``).
+    """
     path = Path(path)
     if not path.is_dir():
         raise CheckpointError(f"{path}: not a directory")
     if is_hf_dir(path):
+        if weights != "model":
+            raise CheckpointError(f"{path}: a Hugging Face directory has no EMA weights (--weights ema)")
         return HFSource(path)
     if not (path / checkpoint.TRACKER).is_file() and iteration is None:
         raise CheckpointError(
@@ -169,7 +187,7 @@ def open_source(path: str | Path, iteration: int | None = None) -> HFSource | Ch
             f"model.safetensors.index.json) nor a training checkpoint ({checkpoint.TRACKER}); "
             f"it holds {_listing(path)}"
         )
-    return CheckpointSource(path, iteration)
+    return CheckpointSource(path, iteration, weights)
 
 
 def _listing(path: Path) -> str:

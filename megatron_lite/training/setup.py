@@ -10,6 +10,7 @@ from megatron_lite.training import checkpoint, metrics, save_dir
 from megatron_lite.training.convert import load_initial_weights
 from megatron_lite.training.data import BatchStream, build_datasets, epoch_warnings
 from megatron_lite.training.distributed_optimizer import build_data_parallel
+from megatron_lite.training.ema import build_ema, restore_ema
 from megatron_lite.training.logging import MetricWriters
 from megatron_lite.training.lr_schedule import build_scheduler
 from megatron_lite.training.model_setup import build_local_model
@@ -76,6 +77,8 @@ def _build(cfg: Config, runtime: Runtime, log, say, exit_signal) -> Trainer:
             if "scaler" in state["extra"]:
                 scaler.load_state_dict(state["extra"]["scaler"])
             _say_schedule_change(cfg, state["extra"], say)
+    ema = build_ema(cfg, optimizer, model)  # after the resume: it starts from the loaded main values
+    restore_ema(ema, state, say)
     train, valid, _test, eod = build_datasets(cfg)
     dims, mbs = runtime.dims, cfg.training.micro_batch_size
     m = num_microbatches(cfg, dims.dp)
@@ -132,6 +135,7 @@ def _build(cfg: Config, runtime: Runtime, log, say, exit_signal) -> Trainer:
         log=log,
         grad_sync=grad_sync,
         exit_signal=exit_signal,
+        ema=ema,
     )
     if cfg.training.objective == "dpo":  # reference log-probs: the sidecar, or a pass now
         from megatron_lite.training.reference import attach_reference_logps

@@ -154,6 +154,7 @@ class Trainer:
             None to reduce with ``allreduce_gradients`` after the backward.
         exit_signal: a ``training.signals.ExitSignal`` checked between iterations (save and stop
             when any rank got one), or None.
+        ema: a ``training.ema.WeightEMA`` updated after every applied step and saved, or None.
     """
 
     def __init__(
@@ -171,6 +172,7 @@ class Trainer:
         log: Callable[[str], None] = print,
         grad_sync=None,
         exit_signal=None,
+        ema=None,
     ):
         self.cfg, self.runtime, self.model = cfg, runtime, model
         self.optimizer, self.scheduler = optimizer, scheduler
@@ -181,7 +183,7 @@ class Trainer:
         self._log = log if runtime.is_logging_rank else (lambda _line: None)
         self.params = [p for p in model.parameters() if p.requires_grad]
         self.norm_groups = grad_norm_groups(model, runtime)
-        self.grad_sync, self.exit_signal = grad_sync, exit_signal
+        self.grad_sync, self.exit_signal, self.ema = grad_sync, exit_signal, ema
         if hasattr(optimizer, "main_norm_groups"):  # fp32 main params (mixed precision, ZeRO-1 shards)
             self.norm_groups = optimizer.main_norm_groups(self.norm_groups)
             self.params = optimizer.main_params
@@ -225,6 +227,8 @@ class Trainer:
             self.optimizer.zero_grad(set_to_none=True)
         else:
             self.optimizer.step()
+            if self.ema is not None:  # applied steps only: a skipped fp16 step changes no weight
+                self.ema.update()
             self.scheduler.step()  # as Megatron: a skipped step does not advance the schedule
         self.scaler.update(skipped)
         # aux/z are the same on every cp rank (routing statistics are summed over the stage)
@@ -424,6 +428,7 @@ class Trainer:
             },
             keep_last=self.cfg.training.keep_last_checkpoints,
             gather=self.runtime.gather_objects,
+            ema=self.ema,
         )
         self._log(f"saved checkpoint at iteration {self.iteration:7d} to {path}")
         return self.iteration
