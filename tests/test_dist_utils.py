@@ -4,7 +4,6 @@ import time
 
 import pytest
 import torch.distributed as dist
-
 from dist_utils import run_distributed
 
 
