@@ -52,26 +52,21 @@ class SamplingOptions:
 
 
 def _generate_ids(model, prompts, sampling: SamplingOptions, eos_ids, seed, stops, decode):
-    """New token ids per prompt.
+    """New token ids per prompt, the ragged batch decoded together (``inference.generate_batch``)."""
+    from megatron_lite.inference import generate_batch
 
-    Uses ``inference.generate_batch`` (ragged batches, stop strings, several EOS ids) when the
-    inference package has it, else ``inference.generate`` (one EOS id; stops are cut afterwards).
-    """
-    from megatron_lite import inference
-
-    kw = dict(temperature=sampling.temperature, top_k=sampling.top_k, top_p=sampling.top_p, seed=seed)
-    batch_api = getattr(inference, "generate_batch", None)
-    if batch_api is not None:
-        return batch_api(
-            model,
-            prompts,
-            max_new_tokens=sampling.max_new_tokens,
-            eos_id=list(eos_ids),
-            stop_strings=stops or None,
-            decode=decode,
-            **kw,
-        )
-    return inference.generate(model, prompts, sampling.max_new_tokens, eos_id=eos_ids[0], **kw)
+    return generate_batch(
+        model,
+        prompts,
+        max_new_tokens=sampling.max_new_tokens,
+        temperature=sampling.temperature,
+        top_k=sampling.top_k,
+        top_p=sampling.top_p,
+        eos_id=list(eos_ids),
+        stop_strings=stops or None,
+        decode=decode,
+        seed=seed,
+    )
 
 
 def model_text_generator(
