@@ -132,7 +132,8 @@ class ShardedGradBuffer(GradBuffer):
         super().cast_params(dtype)
         if self.stage < 3:
             return
-        self.param_shard = torch.empty(self.data.numel() // self.dp_size, dtype=dtype, device=self.data.device)
+        n = self.data.numel() // self.dp_size
+        self.param_shard = torch.empty(n, dtype=dtype, device=self.data.device)  # [numel/dp]
         for bucket in self.buckets:
             lo, hi = self.shard_range(bucket)
             self.param_view(bucket, lo, hi).copy_(self.param_data[lo:hi])

@@ -398,9 +398,8 @@ def build_data_parallel(
     gradients, even on one process); the optimizer copies the fp32 values into its main
     parameters before the weights are cast to the compute dtype.
     """
-    from megatron_lite.training.runtime import DTYPES
-
     from megatron_lite.parallel.zero import STAGES
+    from megatron_lite.training.runtime import DTYPES
 
     par, mixed = cfg.parallel, precision != "fp32"
     stage = STAGES[par.data_parallel_sharding]
