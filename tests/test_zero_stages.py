@@ -1,0 +1,172 @@
+"""ZeRO-2/3 (``parallel.data_parallel_sharding``) paired with the pipeline schedules.
+
+Four gloo ranks (pp 2 x vpp 2 x dp 2) train a tiny Mistral with each sharding stage and schedule
+and must match the one-process run: per-iteration losses and gradient norms (rel 1e-5) and the
+final weights (atol 1e-6) in fp32, the same tolerances as ZeRO-1's test
+(test_training_dist_optim.py): only the order of the dp reduction differs. During one step every
+parameter all-gather (tag ``param``) is recorded with ``CommRecorder``: under breadth-first each
+rank gathers each chunk at most twice (once per forward pass, once per backward pass, once for both
+on the last stage where they are adjacent), under interleaved 1F1B many more times.
+"""
+
+from __future__ import annotations
+
+import os
+
+import pytest
+import torch
+from dist_utils import run_distributed
+from tiny import TINY_MODEL
+
+from megatron_lite.config import ConfigError, load_config
+from megatron_lite.parallel import comm
+from megatron_lite.parallel.sharding import shard_tensor
+from megatron_lite.training.convert import read_full_state
+from megatron_lite.training.runtime import check_run_config, init_runtime
+from megatron_lite.training.setup import setup_training
+
+TINY = [
+    *TINY_MODEL,
+    *("--model.num_layers", "4", "--data.mock", "true", "--data.seq_length", "32"),
+    *("--training.micro_batch_size", "2", "--training.global_batch_size", "16"),
+    *("--training.train_iters", "3", "--logging.log_interval", "1000"),
+    *("--optimizer.lr", "3e-3", "--optimizer.lr_warmup_iters", "1", "--optimizer.clip_grad", "0.5"),
+]
+ZERO = ["--parallel.distributed_optimizer", "true", "--parallel.grad_bucket_mb", "0.05"]
+PP = ["--parallel.pipeline", "2", "--parallel.virtual_pipeline", "2"]
+
+
+def _stage(stage: str, schedule: str) -> list[str]:
+    return [*ZERO, *PP, "--parallel.data_parallel_sharding", stage, "--parallel.schedule", schedule]
+
+
+# case -> overrides of the 4-rank run (the reference is the one-process run of TINY)
+CASES = {
+    "zero3_breadth_first": _stage("parameters", "breadth-first"),
+    "zero3_interleaved": _stage("parameters", "interleaved"),
+    "zero2_breadth_first": [*_stage("gradients", "breadth-first"), "--parallel.overlap_grad_reduce", "true"],
+}
+
+
+def test_sharding_stage_refusals():
+    """A stage that a layout cannot serve is refused with one line naming both."""
+    base = [*TINY_MODEL, "--data.mock", "true"]
+    with pytest.raises(ConfigError, match="data_parallel_sharding.*must be one of"):
+        load_config(None, [*base, "--parallel.data_parallel_sharding", "full"])
+    with pytest.raises(ConfigError, match="gradients needs parallel.distributed_optimizer"):
+        load_config(None, [*base, "--parallel.data_parallel_sharding", "gradients"])
+    with pytest.raises(ConfigError, match="parameters needs parallel.pipeline > 1"):
+        load_config(None, [*base, *ZERO, "--parallel.data_parallel_sharding", "parameters"])
+    with pytest.raises(ConfigError, match="overlap_param_gather"):
+        load_config(None, [*base, *_stage("parameters", "1f1b"), "--parallel.overlap_param_gather", "true"])
+    with pytest.raises(ConfigError, match="tie_embeddings"):
+        load_config(None, [*base, *_stage("gradients", "1f1b"), "--model.tie_embeddings", "true"])
+
+
+def _trainer(overrides: list[str], world_size: int):
+    cfg = load_config(None, [*TINY, *overrides])
+    check_run_config(cfg, world_size)
+    return setup_training(cfg, init_runtime(cfg), log=lambda _: None)
+
+
+def _run(overrides: list[str], world_size: int, record_step: int = 2):
+    """Train; -> (per-iteration (loss, grad norm), trainer, param all-gathers of ``record_step``).
+
+    After every step under ZeRO-3 no chunk's full weights may be left resident.
+    """
+    trainer = _trainer(overrides, world_size)
+    gathers, step = [], trainer.train_step
+    stage3 = trainer.cfg.parallel.data_parallel_sharding == "parameters"
+
+    def recording_step(microbatches):
+        with comm.CommRecorder() as rec:
+            result = step(microbatches)
+        if len(trainer.history) + 1 == record_step:
+            gathers.extend(r for r in rec.records if r.kind == "all_gather" and r.tag == "param")
+        if stage3:
+            assert not any(b.resident for b in trainer.grad_sync.buffers), "weights left gathered"
+        return result
+
+    trainer.train_step = recording_step
+    results = trainer.train()
+    trainer.runtime.dims.destroy_groups()
+    return [(r.loss, r.grad_norm) for r in results], trainer, gathers
+
+
+def _check(case, got, expected, trainer=None, weights=None, rel=1e-5):
+    for (loss, norm), (ref_loss, ref_norm) in zip(got, expected, strict=True):
+        assert loss == pytest.approx(ref_loss, rel=rel), (case, got, expected)
+        assert norm == pytest.approx(ref_norm, rel=rel * 10 if rel > 1e-5 else rel), (case, got, expected)
+    if trainer is None:
+        return
+    full = torch.load(weights, weights_only=True)
+    model, dims = trainer.model, trainer.runtime.dims
+    for name, param in model.named_parameters():
+        want = shard_tensor(full[name], name, model.cfg, dims.local)
+        torch.testing.assert_close(param.detach(), want, rtol=1e-5, atol=1e-6, msg=f"{case} {name}")
+
+
+def _check_gathers(case: str, trainer, gathers) -> dict[int, int]:
+    """The recorded parameter all-gathers are one per bucket per chunk run; -> runs per chunk."""
+    from megatron_lite.parallel.zero import chunk_gathers
+    from megatron_lite.pipeline.schedules import build_schedule
+
+    par, dims = trainer.cfg.parallel, trainer.runtime.dims
+    mbs = trainer.cfg.training.global_batch_size // (trainer.cfg.training.micro_batch_size * dims.dp)
+    actions = build_schedule(par.schedule, par.pipeline, par.virtual_pipeline, mbs)[dims.local.pp]
+    plan = chunk_gathers(trainer.grad_sync, actions)
+    runs: dict[int, int] = {}
+    for _, _, chunk in plan.runs:
+        runs[chunk] = runs.get(chunk, 0) + 1
+    buckets = {c: sum(len(b.buckets) for b in bufs) for c, bufs in plan.by_chunk.items()}
+    assert len(gathers) == sum(runs[c] * buckets[c] for c in runs), (case, len(gathers), runs, buckets)
+    return runs
+
+
+def _body(rank: int, world_size: int, expected, weights: str, root: str):
+    os.environ["WORLD_SIZE"] = str(world_size)
+    runs, got_zero3 = {}, None
+    for case, overrides in CASES.items():
+        got, trainer, gathers = _run(overrides, world_size)
+        _check(case, got, expected, trainer, weights)
+        got_zero3 = got if case == "zero3_breadth_first" else got_zero3
+        if "parameters" in overrides:
+            runs[case] = _check_gathers(case, trainer, gathers)
+    # Breadth-first: each chunk once per forward pass and once per backward pass (or once for
+    # both); interleaved 1F1B: every microbatch switches chunk, so many more gathers.
+    assert max(runs["zero3_breadth_first"].values()) <= 2, runs
+    assert sum(runs["zero3_interleaved"].values()) > sum(runs["zero3_breadth_first"].values()), runs
+    ckpt = os.path.join(root, "zero3")
+    zero3 = CASES["zero3_breadth_first"]
+    first, _, _ = _run([*zero3, "--training.save", ckpt, "--training.exit_interval", "2"], 4)
+    rest, _, _ = _run([*zero3, "--training.load", ckpt], 4)
+    assert first + rest == got_zero3, (first, rest, got_zero3)  # resume is exact
+
+
+def _resume_dp1(rank: int, world_size: int, expected, root: str):
+    """The dp 2 ZeRO-3 checkpoint resumes on dp 1 (pp 2 x vpp 2, 2 ranks) as ZeRO-1."""
+    os.environ["WORLD_SIZE"] = str(world_size)
+    load = ["--training.load", os.path.join(root, "zero3")]
+    rest, _, _ = _run([*ZERO, *PP, "--parallel.schedule", "breadth-first", *load], world_size)
+    _check("zero3_dp2_to_zero1_dp1", rest, expected[2:])
+
+
+@pytest.mark.slow
+def test_zero_stages_match_one_process(tmp_path):
+    """fp32: every stage and schedule equals one process; gathers counted; checkpoints resume."""
+    ref_ckpt = str(tmp_path / "ref")
+    reference = _trainer(["--training.save", ref_ckpt, "--training.exit_interval", "2"], 1)
+    reference.train()
+    reference = _trainer(["--training.load", ref_ckpt], 1)
+    reference.train()
+    expected = [(r.loss, r.grad_norm) for r in _trainer([], 1).train()]
+    weights = tmp_path / "ref.pt"
+    torch.save({k: v.clone() for k, v in reference.model.state_dict().items()}, weights)
+    run_distributed(_body, 4, expected, str(weights), str(tmp_path), timeout=240)
+    run_distributed(_resume_dp1, 2, expected, str(tmp_path), timeout=120)
+    # The ZeRO-3 checkpoint holds the same full model state as the one-process checkpoint.
+    _, want = read_full_state(ref_ckpt, 2)
+    _, got = read_full_state(tmp_path / "zero3", 2)
+    assert sorted(got) == sorted(want)
+    for name in want:
+        torch.testing.assert_close(got[name], want[name], rtol=1e-5, atol=1e-6, msg=name)
