@@ -61,6 +61,7 @@ def _pipelined(stage: int) -> list[str]:
         *("--parallel.pipeline", "2", "--parallel.virtual_pipeline", "2", "--parallel.schedule"),
         *("breadth-first", "--parallel.distributed_optimizer", "true"),
         *("--parallel.data_parallel_sharding", name),
+        *("--model.num_layers", "8"),  # 2 per virtual stage (mistral-100m has 10)
     ]
 
 
