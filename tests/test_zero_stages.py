@@ -85,6 +85,8 @@ def _run(overrides: list[str], world_size: int, record_step: int = 2):
             gathers.extend(r for r in rec.records if r.kind == "all_gather" and r.tag == "param")
         if stage3:
             assert not any(b.resident for b in trainer.grad_sync.buffers), "weights left gathered"
+        if trainer.cfg.parallel.data_parallel_sharding != "optimizer":  # only the shards outlive the step
+            assert not any(b.data.untyped_storage().nbytes() for b in trainer.grad_sync.buffers)
         return result
 
     trainer.train_step = recording_step

@@ -335,7 +335,8 @@ class GradSync:
         """Zero every buffer and (re)attach the ``.grad`` views (an optimizer may have set them to None)."""
         for buffer in self.buffers:
             buffer.attach_grads()  # first: a ZeRO-2/3 buffer reallocates its released storage
-            buffer.data.zero_()
+            if buffer.data.untyped_storage().nbytes():  # (or leaves it to the executor: lazy)
+                buffer.data.zero_()
 
     def start_step(self, num_microbatches: int) -> None:
         """Zero the gradients; each parameter will see ``num_microbatches`` backward passes."""

@@ -6,7 +6,12 @@
   sharded; every rank holds the whole bf16 weights and fp32 main gradients.
 - ``gradients`` (ZeRO-2): as ZeRO-1, but once a buffer's reduce-scatter is complete only this
   rank's shard of the fp32 gradients is kept (a compact ``grad_shard`` that the optimizer's pieces
-  point into) and the full fp32 buffer's storage is released until the next step zeroes it.
+  point into) and the full fp32 buffer's storage is released. The buffers are built per pipeline
+  chunk; under pipeline parallelism the executor (:class:`ChunkGathers`) allocates a chunk's fp32
+  buffer (zeroed) just before its first backward of the step and, after its last, completes its
+  reduce-scatter (launched earlier by the hooks under ``overlap_grad_reduce``), copies the shard
+  out and frees the buffer: a breadth-first rank holds one chunk's full fp32 gradients at a time.
+  Without pipeline parallelism the one buffer lives from ``start_step`` to ``finish_grad_sync``.
 - ``parameters`` (ZeRO-3): also the weights. Each rank keeps 1/dp of every bucket of the bf16 (or
   fp32) parameter buffer (``param_shard``); the optimizer writes its updated shard there. The
   buffers are built per pipeline chunk, so a chunk's weights are one flat buffer whose storage is
@@ -80,6 +85,9 @@ class ShardedGradBuffer(GradBuffer):
         self.grad_shard = torch.zeros(n, dtype=torch.float32, device=self.data.device)  # [numel/dp]
         self.param_shard: torch.Tensor | None = None  # [numel/dp] (stage 3, after ``cast_params``)
         self.gathering: list = []  # in-flight async parameter gathers (stage 3)
+        # lazy: the executor allocates the fp32 buffer before the chunk's first backward and
+        # finishes (reduces, keeps the shard, frees) after its last (``ChunkGathers``).
+        self.lazy, self.finished = False, False
 
     # -------------------------------------------------------------- shard coordinates
 
@@ -102,13 +110,27 @@ class ShardedGradBuffer(GradBuffer):
     # -------------------------------------------------------------- gradients
 
     def attach_grads(self) -> None:
-        """Reallocate the released fp32 buffer, zero it, and attach the ``.grad`` views."""
-        if _alloc(self.data):
-            self.data.zero_()
+        """Attach the ``.grad`` views (reallocating the released buffer unless the executor will)."""
+        if not self.lazy:
+            self.ensure_grads()
         super().attach_grads()
 
+    def ensure_grads(self) -> None:
+        """Reallocate the released fp32 gradient buffer, zeroed."""
+        if _alloc(self.data):
+            self.data.zero_()
+
+    def reset(self) -> None:
+        """A new step: this buffer will be finished again."""
+        super().reset()
+        self.finished = False
+
     def finish(self) -> None:
-        """Reduce-scatter as ZeRO-1 does, keep this rank's shard, release the full buffer."""
+        """Reduce-scatter as ZeRO-1 does, keep this rank's shard, release the full buffer (once a step)."""
+        if self.finished:
+            return
+        self.finished = True
+        self.ensure_grads()  # a chunk without backward this step reduces zeros, like every dp rank
         partial, self.partial_groups = self.partial_groups, []
         super().finish()  # launches, waits; no tp-partial all-reduce on the full buffer
         self.partial_groups = partial
@@ -175,7 +197,8 @@ class ShardedGradBuffer(GradBuffer):
     def release(self) -> None:
         """Free the full parameter buffer (stage 3); the shard stays."""
         self.wait_gather()
-        _free(self.param_data)
+        if self.param_shard is not None:
+            _free(self.param_data)
 
     def all_gather_params(self, async_op: bool = False) -> None:
         """After the step: stage 3 keeps the weights sharded (gathered per chunk run instead)."""
@@ -209,12 +232,21 @@ class ChunkGathers:
                 self.runs[-1][1] = i
             else:
                 self.runs.append([i, i, action.chunk])
+        # the last run of each chunk with a backward: its gradients are final when it ends
+        self.last_backward, self.backward_runs = {}, set()
+        for r, (first, last, chunk) in enumerate(self.runs):
+            if any(actions[j].kind == "B" for j in range(first, last + 1)):
+                self.last_backward[chunk] = r
+                self.backward_runs.add(r)
+                for buffer in self.by_chunk.get(chunk, []):
+                    buffer.lazy = True
         self.start_of = {run[0]: r for r, run in enumerate(self.runs)}
         self.end_of = {run[1]: r for r, run in enumerate(self.runs)}
         self.gathers = 0  # chunk gathers of the last ``run`` (counted for tests and benchmarks)
 
     def _gather(self, chunk: int, async_op: bool) -> None:
         buffers = self.by_chunk.get(chunk, [])
+        buffers = [b for b in buffers if b.param_shard is not None]  # stage 2: weights stay whole
         if buffers and not all(b.resident for b in buffers):
             self.gathers += 1
         for buffer in buffers:
@@ -229,6 +261,9 @@ class ChunkGathers:
         if r == 0:
             self.gathers = 0
         chunk = self.runs[r][2]
+        if r in self.backward_runs:  # the fp32 gradients exist from the chunk's first backward on
+            for buffer in self.by_chunk.get(chunk, []):
+                buffer.ensure_grads()
         self._gather(chunk, async_op=False)
         for buffer in self.by_chunk.get(chunk, []):
             buffer.wait_gather()
@@ -238,13 +273,17 @@ class ChunkGathers:
     def after(self, i: int) -> None:
         """After compute action ``i``: release its chunk's weights if its run ends here."""
         r = self.end_of.get(i)
-        if r is not None:
-            for buffer in self.by_chunk.get(self.runs[r][2], []):
-                buffer.release()
+        if r is None:
+            return
+        chunk = self.runs[r][2]
+        for buffer in self.by_chunk.get(chunk, []):
+            buffer.release()
+            if self.last_backward.get(chunk) == r:
+                buffer.finish()  # reduce-scatter (if the hooks did not), keep the shard, free the rest
 
 
 def chunk_gathers(grad_sync, actions: Sequence) -> ChunkGathers | None:
-    """The executor's ``gathers`` for ``actions``: a ``ChunkGathers`` under ZeRO-3, else None."""
-    if grad_sync is None or getattr(grad_sync, "stage", 1) < 3:
+    """The executor's ``gathers`` for ``actions``: a ``ChunkGathers`` under ZeRO-2/3, else None."""
+    if grad_sync is None or getattr(grad_sync, "stage", 1) < 2:
         return None
     return ChunkGathers(grad_sync.buffers, actions)
