@@ -12,10 +12,14 @@ on the last stage where they are adjacent), under interleaved 1F1B many more tim
 from __future__ import annotations
 
 import os
+import subprocess
+import sys
+from pathlib import Path
 
 import pytest
 import torch
 from dist_utils import run_distributed
+from safetensors.torch import load_file
 from tiny import TINY_MODEL
 
 from megatron_lite.config import ConfigError, load_config
@@ -32,6 +36,7 @@ TINY = [
     *("--training.train_iters", "3", "--logging.log_interval", "1000"),
     *("--optimizer.lr", "3e-3", "--optimizer.lr_warmup_iters", "1", "--optimizer.clip_grad", "0.5"),
 ]
+REPO = Path(__file__).resolve().parents[1]
 ZERO = ["--parallel.distributed_optimizer", "true", "--parallel.grad_bucket_mb", "0.05"]
 PP = ["--parallel.pipeline", "2", "--parallel.virtual_pipeline", "2"]
 
@@ -173,6 +178,18 @@ def test_zero_stages_match_one_process(tmp_path):
     assert sorted(got) == sorted(want)
     for name in want:
         torch.testing.assert_close(got[name], want[name], rtol=1e-5, atol=1e-6, msg=name)
+    # ... and converts to the same HF checkpoint (the converter reads ZeRO-1's format).
+    hf = {}
+    for name, ckpt in (("ref", ref_ckpt), ("zero3", tmp_path / "zero3")):
+        out = tmp_path / f"hf_{name}"
+        cmd = [sys.executable, str(REPO / "tools/convert_checkpoint.py"), "--input", str(ckpt)]
+        cmd += ["--output", str(out), "--to", "hf", "--dtype", "fp32"]
+        done = subprocess.run(cmd, capture_output=True, text=True, env={**os.environ, "OMP_NUM_THREADS": "1"})
+        assert done.returncode == 0, done.stderr
+        hf[name] = {k: v for f in sorted(out.glob("*.safetensors")) for k, v in load_file(f).items()}
+    assert hf["zero3"] and sorted(hf["zero3"]) == sorted(hf["ref"])
+    for name, tensor in hf["ref"].items():
+        torch.testing.assert_close(hf["zero3"][name], tensor, rtol=1e-5, atol=1e-6, msg=name)
 
 
 # bf16 tolerances of tests/test_precision_layouts.py (the reasoning is there): a layout sums the
