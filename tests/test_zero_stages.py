@@ -53,6 +53,20 @@ CASES = {
 }
 
 
+MOE = ["--model.arch", "mixtral", "--model.num_experts", "4"]
+# case -> (overrides of its own one-process reference, of the 4-rank run)
+OTHER_REFERENCE = {
+    # no pipeline: dp 4, one buffer from start_step to finish_grad_sync
+    "zero2_dp4": ([], [*ZERO, "--parallel.data_parallel_sharding", "gradients"]),
+    # ep 1 x dp 2: the experts' buffers are sharded and gathered over edp = 2. MoE routing
+    # statistics sum over the dp ranks' j-th microbatches: the reference uses mbs * dp.
+    "zero3_mixtral_edp2": (
+        [*MOE, "--training.micro_batch_size", "4"],
+        [*MOE, *_stage("parameters", "breadth-first")],
+    ),
+}
+
+
 def test_sharding_stage_refusals():
     """A stage that a layout cannot serve is refused with one line naming both."""
     base = [*TINY_MODEL, "--data.mock", "true"]
@@ -100,6 +114,11 @@ def _run(overrides: list[str], world_size: int, record_step: int = 2):
     return [(r.loss, r.grad_norm) for r in results], trainer, gathers
 
 
+# Adam elements with a tiny second moment amplify the dp reduction order: ZeRO-1 on the same
+# Mixtral layout ends 2.1e-6 away from one process in one embedding element (measured 2026-12-03).
+PARAM_ATOL = {"zero3_mixtral_edp2": 1e-5}
+
+
 def _check(case, got, expected, trainer=None, weights=None, rel=1e-5):
     for (loss, norm), (ref_loss, ref_norm) in zip(got, expected, strict=True):
         assert loss == pytest.approx(ref_loss, rel=rel), (case, got, expected)
@@ -110,7 +129,8 @@ def _check(case, got, expected, trainer=None, weights=None, rel=1e-5):
     model, dims = trainer.model, trainer.runtime.dims
     for name, param in model.named_parameters():
         want = shard_tensor(full[name], name, model.cfg, dims.local)
-        torch.testing.assert_close(param.detach(), want, rtol=1e-5, atol=1e-6, msg=f"{case} {name}")
+        atol = PARAM_ATOL.get(case, 1e-6)
+        torch.testing.assert_close(param.detach(), want, rtol=1e-5, atol=atol, msg=f"{case} {name}")
 
 
 def _check_gathers(case: str, trainer, gathers) -> dict[int, int]:
@@ -131,7 +151,7 @@ def _check_gathers(case: str, trainer, gathers) -> dict[int, int]:
     return runs
 
 
-def _body(rank: int, world_size: int, expected, weights: str, root: str):
+def _body(rank: int, world_size: int, expected, weights: str, root: str, other: dict):
     os.environ["WORLD_SIZE"] = str(world_size)
     runs, got_zero3 = {}, None
     for case, overrides in CASES.items():
@@ -145,6 +165,11 @@ def _body(rank: int, world_size: int, expected, weights: str, root: str):
     assert max(runs["zero3_breadth_first"].values()) <= 2, runs
     assert sum(runs["zero3_interleaved"].values()) > sum(runs["zero3_breadth_first"].values()), runs
     ckpt = os.path.join(root, "zero3")
+    for case, (overrides, other_expected, other_weights) in other.items():
+        got, trainer, gathers = _run(overrides, world_size)
+        _check(case, got, other_expected, trainer, other_weights)
+        if "parameters" in overrides:
+            assert max(_check_gathers(case, trainer, gathers).values()) <= 2
     zero3 = CASES["zero3_breadth_first"]
     first, _, _ = _run([*zero3, "--training.save", ckpt, "--training.exit_interval", "2"], 4)
     rest, _, _ = _run([*zero3, "--training.load", ckpt], 4)
@@ -170,7 +195,14 @@ def test_zero_stages_match_one_process(tmp_path):
     expected = [(r.loss, r.grad_norm) for r in _trainer([], 1).train()]
     weights = tmp_path / "ref.pt"
     torch.save({k: v.clone() for k, v in reference.model.state_dict().items()}, weights)
-    run_distributed(_body, 4, expected, str(weights), str(tmp_path), timeout=240)
+    other = {}
+    for case, (single, parallel) in OTHER_REFERENCE.items():
+        ref = _trainer(single, 1)
+        path = tmp_path / f"{case}.pt"
+        other_expected = [(r.loss, r.grad_norm) for r in ref.train()]
+        torch.save({k: v.clone() for k, v in ref.model.state_dict().items()}, path)
+        other[case] = (parallel, other_expected, str(path))
+    run_distributed(_body, 4, expected, str(weights), str(tmp_path), other, timeout=240)
     run_distributed(_resume_dp1, 2, expected, str(tmp_path), timeout=120)
     # The ZeRO-3 checkpoint holds the same full model state as the one-process checkpoint.
     _, want = read_full_state(ref_ckpt, 2)
