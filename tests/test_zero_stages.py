@@ -6,7 +6,10 @@ final weights (atol 1e-6) in fp32, the same tolerances as ZeRO-1's test
 (test_training_dist_optim.py): only the order of the dp reduction differs. During one step every
 parameter all-gather (tag ``param``) is recorded with ``CommRecorder``: under breadth-first each
 rank gathers each chunk at most twice (once per forward pass, once per backward pass, once for both
-on the last stage where they are adjacent), under interleaved 1F1B many more times.
+on the last stage where they are adjacent), under interleaved 1F1B more times. Also: ZeRO-2 at dp 4
+without a pipeline, ZeRO-3 on Mixtral with experts sharded over edp 2, a ZeRO-3 checkpoint that
+resumes exactly, resumes on dp 1 (as ZeRO-1), and converts to the one-process run's HF weights;
+and a bf16 Mixtral run (tp 2 + SP x pp 2 x vpp 2 x dp 2, ep 2) within the bf16 layout tolerances.
 """
 
 from __future__ import annotations
@@ -48,7 +51,8 @@ def _stage(stage: str, schedule: str) -> list[str]:
 # case -> overrides of the 4-rank run (the reference is the one-process run of TINY)
 CASES = {
     "zero3_breadth_first": _stage("parameters", "breadth-first"),
-    "zero3_interleaved": _stage("parameters", "interleaved"),
+    # with a validation run (forward only: the executor gathers and releases the chunks too)
+    "zero3_interleaved": [*_stage("parameters", "interleaved"), "--training.eval_interval", "2"],
     "zero2_breadth_first": [*_stage("gradients", "breadth-first"), "--parallel.overlap_grad_reduce", "true"],
 }
 

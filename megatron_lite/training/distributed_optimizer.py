@@ -17,6 +17,11 @@ weight-decay rule (Megatron's: no decay for biases and 1-D parameters), and the 
 the plain one's AdamW (``optimizer.make_adamw``), so the update of every element is the one the
 plain optimizer makes; the LR scheduler drives it through ``param_groups``.
 
+ZeRO-2/3 (``parallel.data_parallel_sharding``, ``parallel.zero``): a piece's gradient is a view of
+its buffer's compact ``grad_shard`` instead, and under ZeRO-3 the step writes the updated shard
+into the buffer's ``param_shard`` (the weights the executor gathers), with fp32 main copies even
+under fp32 weights. The checkpoint format is this one whatever the stage.
+
 Gradient clipping sees each rank's shards: ``main_norm_groups`` turns the trainer's norm groups
 (tp/pp/ep rules of ``grad_norm_groups``) into groups of shard pieces whose squared sums are also
 added over the group's dp (or edp) group, so every element of a reduced gradient counts once.
