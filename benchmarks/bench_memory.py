@@ -50,18 +50,38 @@ MODELS = {
         *("--model.num_attention_heads", "8", "--model.num_kv_heads", "4"),
     ],
     "tiny": [
-        *("--model.hidden_size", "64", "--model.intermediate_size", "128", "--model.num_layers", "2"),
+        *("--model.hidden_size", "64", "--model.intermediate_size", "128", "--model.num_layers", "4"),
         *("--model.num_attention_heads", "4", "--model.num_kv_heads", "2", "--model.vocab_size", "256"),
     ],
 }
+def _pipelined(stage: int) -> list[str]:
+    """Breadth-first pp 2 x vpp 2 with the distributed optimizer at ZeRO ``stage``."""
+    name = {1: "optimizer", 2: "gradients", 3: "parameters"}[stage]
+    return [
+        *("--parallel.pipeline", "2", "--parallel.virtual_pipeline", "2", "--parallel.schedule"),
+        *("breadth-first", "--parallel.distributed_optimizer", "true"),
+        *("--parallel.data_parallel_sharding", name),
+        *("--model.num_layers", "8"),  # 2 per virtual stage (mistral-100m has 10)
+    ]
+
+
 # name -> (world size, overrides)
 LAYOUTS = {
     **{f"dp{d}": (d, []) for d in (1, 2, 4, 8)},
     **{f"dp{d}_zero1": (d, ["--parallel.distributed_optimizer", "true"]) for d in (1, 2, 4, 8)},
     "tp2_zero1": (2, ["--parallel.tensor", "2", "--parallel.distributed_optimizer", "true"]),
     "pp2_zero1": (2, ["--parallel.pipeline", "2", "--parallel.distributed_optimizer", "true"]),
+    # ZeRO stages 1-3 (parallel.data_parallel_sharding) under breadth-first pp 2 x vpp 2.
+    **{
+        f"pp2_dp{d}_zero{z}": (2 * d, _pipelined(z))
+        for d in (2, 4)
+        for z in (1, 2, 3)
+    },
 }
 CATEGORIES = ("weights", "main_grads", "main_params", "optim_states")
+# Not summed into the total: ZeRO-3's full weights of the largest chunk of the rank, and of its two
+# largest (the one computing and the one prefetched): what the executor holds gathered at once.
+WORKING_SETS = ("gathered_1_chunk", "gathered_2_chunks")
 
 
 def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
@@ -91,9 +111,10 @@ def _storages(tensors) -> dict[int, int]:
 def measure(model, optimizer, grad_sync) -> dict[str, float]:
     """Bytes per local parameter element of each category (see the module docstring)."""
     params = list(model.parameters())
-    weights = _storages(params)
+    buffers = grad_sync.buffers if grad_sync is not None else []
+    weights = _storages([*params, *(getattr(b, "param_shard", None) for b in buffers)])
     if grad_sync is not None:
-        grads = _storages(buffer.data for buffer in grad_sync.buffers)
+        grads = _storages([b.data for b in buffers] + [getattr(b, "grad_shard", None) for b in buffers])
     else:
         grads = _storages(p.grad for p in params)
     mains = getattr(optimizer, "main_params", [])
@@ -102,7 +123,18 @@ def measure(model, optimizer, grad_sync) -> dict[str, float]:
     states = _storages(t for s in inner.state.values() for t in s.values() if torch.is_tensor(t))
     numel = sum(p.numel() for p in params)
     got = [weights, grads, main_params, states]
-    return {"params": numel, **{c: sum(s.values()) / numel for c, s in zip(CATEGORIES, got)}}
+    chunk_bytes: dict[int, int] = {}
+    for b in buffers:
+        if getattr(b, "param_shard", None) is not None:
+            nbytes = b.param_data.numel() * b.param_data.element_size()
+            chunk_bytes[b.chunk] = chunk_bytes.get(b.chunk, 0) + nbytes
+    largest = sorted(chunk_bytes.values())
+    return {
+        "params": numel,
+        **{c: sum(s.values()) / numel for c, s in zip(CATEGORIES, got)},
+        WORKING_SETS[0]: sum(largest[-1:]) / numel,
+        WORKING_SETS[1]: sum(largest[-2:]) / numel,
+    }
 
 
 def _rank_body(
@@ -129,7 +161,13 @@ def _rank_body(
         if grad_sync is None:  # plain fp32 AdamW: the gradients backward would allocate
             for p in model.parameters():
                 p.grad = torch.zeros_like(p)
+        if grad_sync is not None:  # one step's protocol: ZeRO-2/3 keep only the reduced shard
+            grad_sync.start_step(1)
+            grad_sync.finish_grad_sync()
         optimizer.step()  # zero gradients: creates the AdamW states, changes nothing that matters
+        for buffer in getattr(grad_sync, "buffers", []):
+            if getattr(buffer, "param_shard", None) is not None:
+                buffer.release()  # ZeRO-3 at rest: the executor releases each chunk after its run
         queue.put((rank, measure(model, optimizer, grad_sync)))
         dist.barrier()
     finally:
@@ -161,11 +199,14 @@ def run_layout(model_flags: list[str], layout: str, precision: str) -> list[dict
 def target(layout: str, precision: str) -> float:
     """Megatron's bytes per parameter for this layout and precision (dp from the world size)."""
     world, flags = LAYOUTS[layout]
-    dp = world if layout.startswith("dp") else 1
+    dp = world if layout.startswith("dp") else int(layout.split("_")[1][2:]) if "_dp" in layout else 1
     zero1 = "--parallel.distributed_optimizer" in flags
-    if precision == "fp32":
-        return 4 + 4 + 8 / (dp if zero1 else 1)
-    return 2 + 4 + 12 / (dp if zero1 else 1)
+    stage = int(layout[-1]) if zero1 and layout[-1].isdigit() else 1
+    weights, grads, states = (4, 4, 8) if precision == "fp32" else (2, 4, 12)
+    if stage == 3 and precision == "fp32":
+        states = 12  # ZeRO-3 keeps an fp32 main copy even of fp32 weights
+    shard = dp if zero1 else 1
+    return weights / (shard if stage >= 3 else 1) + grads / (shard if stage >= 2 else 1) + states / shard
 
 
 def main(argv: list[str] | None = None) -> None:
@@ -174,7 +215,7 @@ def main(argv: list[str] | None = None) -> None:
     rows = []
     print(f"precision {args.precision}; bytes per local parameter: " + " + ".join(CATEGORIES))
     header = f"{'model':14s} {'layout':10s} rank {'params':>11s} " + " ".join(f"{c:>12s}" for c in CATEGORIES)
-    print(header + f" {'total':>7s} {'target':>7s}")
+    print(header + f" {'total':>7s} {'target':>7s} " + " ".join(f"{w:>17s}" for w in WORKING_SETS))
     for model in args.models:
         for layout in args.layouts:
             for row in run_layout(MODELS[model], layout, args.precision):
@@ -184,7 +225,8 @@ def main(argv: list[str] | None = None) -> None:
                 rows.append(row)
                 cells = " ".join(f"{row[c]:12.3f}" for c in CATEGORIES)
                 lead = f"{model:14s} {layout:10s} {row['rank']:4d} {row['params']:11,d}"
-                print(f"{lead} {cells} {total:7.3f} {want:7.3f}")
+                sets = " ".join(f"{row[w]:17.3f}" for w in WORKING_SETS)
+                print(f"{lead} {cells} {total:7.3f} {want:7.3f} {sets}")
                 sys.stdout.flush()
     if args.json:
         with open(args.json, "w") as f:

@@ -184,6 +184,9 @@ class ParallelConfig:
         grad_bucket_mb: size of a data-parallel gradient bucket in MB.
         grad_reduce_dtype: dtype of the data-parallel gradient reduction: fp32 or bf16 (bf16 runs).
         overlap_param_gather: all-gather bf16 parameters bucket by bucket during the next forward.
+        data_parallel_sharding: what the distributed optimizer shards over dp: optimizer (ZeRO-1),
+            gradients (ZeRO-2: only the reduced gradient shard outlives the step's reduction) or
+            parameters (ZeRO-3: weights too, gathered per pipeline chunk; ``parallel.zero``).
     """
 
     tensor: int = 1
@@ -209,6 +212,8 @@ class ParallelConfig:
     # overlap of the distributed optimizer's parameter all-gather with the next forward.
     grad_reduce_dtype: str = "fp32"
     overlap_param_gather: bool = False
+    # ZeRO stages 2/3 on the same buffers (parallel/zero.py); needs distributed_optimizer true.
+    data_parallel_sharding: str = "optimizer"
 
     def validate(self) -> None:
         """Check each degree on its own; layout-vs-world checks live in ``validate_layout``."""
@@ -224,6 +229,7 @@ class ParallelConfig:
                 "parallel.overlap_param_gather needs parallel.distributed_optimizer true (it overlaps "
                 "the distributed optimizer's parameter all-gather)"
             )
+        _check_sharding(self)
         if self.expert_tensor is not None:
             _positive("parallel.expert_tensor", self.expert_tensor)
         from megatron_lite.pipeline.schedules import SCHEDULES  # the names come from the registry
@@ -455,6 +461,12 @@ class Config:
         """Validate every section and the checks that span sections; returns self."""
         for f in dataclasses.fields(self):
             getattr(self, f.name).validate()
+        stage = self.parallel.data_parallel_sharding
+        if stage != "optimizer" and self.model.tie_embeddings and self.parallel.pipeline > 1:
+            raise ConfigError(
+                f"parallel.data_parallel_sharding {stage} cannot serve model.tie_embeddings with "
+                "parallel.pipeline > 1 (the tied copies' gradient all-reduce needs the full gradient)"
+            )
         if self.data.seq_length > self.model.max_position_embeddings:
             raise ConfigError(
                 f"data.seq_length ({self.data.seq_length}) exceeds "
@@ -477,6 +489,26 @@ class Config:
         """Write the resolved config as YAML."""
         Path(path).parent.mkdir(parents=True, exist_ok=True)
         Path(path).write_text(yaml.safe_dump(self.to_dict(), sort_keys=False))
+
+
+def _check_sharding(par: ParallelConfig) -> None:
+    """``parallel.data_parallel_sharding``: a known stage, and options that can serve it."""
+    stage = par.data_parallel_sharding
+    _one_of("parallel.data_parallel_sharding", stage, ("optimizer", "gradients", "parameters"))
+    if stage != "optimizer" and not par.distributed_optimizer:
+        raise ConfigError(
+            f"parallel.data_parallel_sharding {stage} needs parallel.distributed_optimizer true"
+        )
+    if stage == "parameters" and par.pipeline == 1:
+        raise ConfigError(
+            "parallel.data_parallel_sharding parameters needs parallel.pipeline > 1 (the pipeline "
+            "executor gathers each chunk's weights; one stage would hold them all anyway)"
+        )
+    if stage == "parameters" and par.overlap_param_gather:
+        raise ConfigError(
+            "parallel.data_parallel_sharding parameters replaces parallel.overlap_param_gather (the "
+            "executor prefetches the next chunk's gather): set overlap_param_gather false"
+        )
 
 
 def _positive(name: str, value: Any) -> None:

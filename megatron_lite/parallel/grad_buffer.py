@@ -141,6 +141,10 @@ class GradBuffer:
                 view.copy_(param.data)
                 param.data = view
 
+    def grad_view(self, bucket: Bucket, a: int, b: int) -> torch.Tensor:
+        """The reduced gradient of buffer elements ``[a, b)`` (inside this rank's shard)."""
+        return self.data[a:b]
+
     def shard_range(self, bucket: Bucket) -> tuple[int, int]:
         """``[start, end)`` (buffer coordinates) of the shard this rank owns after reduce-scatter."""
         size = (bucket.end - bucket.start) // self.dp_size
@@ -258,6 +262,8 @@ class GradSync:
         reduce_dtype: dtype of the data-parallel gradient reduction (``parallel.grad_reduce_dtype``).
         overlap_param_gather: leave the parameter all-gathers in flight after the step and wait for
             each bucket in a forward pre-hook of the modules owning its parameters.
+        stage: ZeRO stage (``parallel.zero``): 2 or 3 build one ``ShardedGradBuffer`` per (rule,
+            pipeline chunk) that keeps only its shard of the gradients (and of the weights at 3).
     """
 
     def __init__(
@@ -271,21 +277,32 @@ class GradSync:
         chunk_of: dict[int, int] | None = None,
         reduce_dtype: torch.dtype = torch.float32,
         overlap_param_gather: bool = False,
+        stage: int = 1,
     ):
         self.overlap, self.shard, self.overlap_param_gather = overlap, shard, overlap_param_gather
-        by_rule: dict[tuple[str, ...], list[tuple[str, nn.Parameter]]] = {}
+        self.stage = stage
+        by_rule: dict[tuple, list[tuple[str, nn.Parameter]]] = {}
         for name, param in reversed(list(model.named_parameters())):
             if not param.requires_grad:
                 continue
             if param.dtype != torch.float32 or not param.is_contiguous():
                 raise ValueError(f"{name}: gradient buffers are built from contiguous fp32 parameters")
-            by_rule.setdefault(grad_reduce_groups(model, name), []).append((name, param))
+            key = grad_reduce_groups(model, name)
+            if stage >= 2:  # one buffer per chunk: its storage is released and gathered as a whole
+                key = (key, (chunk_of or {}).get(id(param), 0))
+            by_rule.setdefault(key, []).append((name, param))
         # Same names on every rank of a dp group -> same buffers, buckets and collective order.
         elems = mb_to_elements(bucket_mb)
-        self.buffers = [
-            GradBuffer(groups, named, dims, elems, shard, own_bucket, chunk_of, reduce_dtype)
-            for groups, named in by_rule.items()
-        ]
+        args = (dims, elems, shard, own_bucket, chunk_of, reduce_dtype)
+        if stage >= 2:
+            from megatron_lite.parallel.zero import ShardedGradBuffer  # zero builds on this module
+
+            self.buffers = [
+                ShardedGradBuffer(groups, named, *args, stage=stage, chunk=chunk)
+                for (groups, chunk), named in by_rule.items()
+            ]
+        else:
+            self.buffers = [GradBuffer(groups, named, *args) for groups, named in by_rule.items()]
         self._expected, self._armed = 1, False
         self._counts: dict[int, int] = {}
         self._handles = []
@@ -317,8 +334,9 @@ class GradSync:
     def zero_grad(self) -> None:
         """Zero every buffer and (re)attach the ``.grad`` views (an optimizer may have set them to None)."""
         for buffer in self.buffers:
-            buffer.data.zero_()
-            buffer.attach_grads()
+            buffer.attach_grads()  # first: a ZeRO-2/3 buffer reallocates its released storage
+            if buffer.data.untyped_storage().nbytes():  # (or leaves it to the executor: lazy)
+                buffer.data.zero_()
 
     def start_step(self, num_microbatches: int) -> None:
         """Zero the gradients; each parameter will see ``num_microbatches`` backward passes."""
@@ -341,7 +359,8 @@ class GradSync:
     def finish_grad_sync(self) -> None:
         """Complete every reduction (async buffers first, in order, then the tp-partial ones)."""
         self._armed = False
-        self.wait_param_gather()  # buckets no forward waited for, before the step overwrites them
+        for buffer in self.buffers:  # buckets no forward waited for, before the step overwrites them
+            buffer.wait_param_gather()
         for buffer in sorted(self.buffers, key=lambda b: not b.overlappable):
             buffer.finish()
 
@@ -354,9 +373,13 @@ class GradSync:
             buffer.all_gather_params(async_op=self.overlap_param_gather)
 
     def wait_param_gather(self) -> None:
-        """Wait for every in-flight parameter all-gather (before reading or saving parameters)."""
+        """Wait for every in-flight parameter all-gather (before reading or saving parameters).
+
+        Under ZeRO-3 this gathers every chunk's weights (they stay resident until the executor
+        releases them after their next run).
+        """
         for buffer in self.buffers:
-            buffer.wait_param_gather()
+            getattr(buffer, "materialize", buffer.wait_param_gather)()
 
     def stats(self) -> dict[str, int]:
         """The last step's overlappable (not tp-partial) buckets.

@@ -126,6 +126,8 @@ class PipelineExecutor:
         dtype: dtype in which hidden states and their gradients travel.
         device: where receive buffers are allocated.
         forward_context: context manager factory around chunk forwards (e.g. autocast).
+        gathers: ZeRO-3 (``parallel.zero.ChunkGathers``): ``before(i)``/``after(i)`` each compute
+            action ``i`` gather, prefetch and release the chunks' weights; None otherwise.
     """
 
     def __init__(
@@ -137,7 +139,9 @@ class PipelineExecutor:
         dtype: torch.dtype,
         device: torch.device | str,
         forward_context: Callable[[], contextlib.AbstractContextManager] = contextlib.nullcontext,
+        gathers=None,
     ):
+        self.gathers = gathers
         self.actions, self.chunks, self.group = list(actions), list(chunks), group
         self.rank = dist.get_rank(group) if group is not None else 0
         self.pp = dist.get_world_size(group) if group is not None else 1
@@ -181,12 +185,16 @@ class PipelineExecutor:
                     i = j
                     continue
                 action = self.actions[i]
+                if self.gathers is not None:
+                    self.gathers.before(i)
                 if action.kind == "F":
                     self._forward(
                         st, action.chunk, microbatches[action.microbatch], action.microbatch, loss_fn
                     )
                 else:
                     self._backward(st, action.chunk, action.microbatch)
+                if self.gathers is not None:
+                    self.gathers.after(i)
                 st.pending = [b for b in st.pending if not b.completed()]
                 i += 1
         for batch in st.pending:

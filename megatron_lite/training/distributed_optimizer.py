@@ -17,6 +17,11 @@ weight-decay rule (Megatron's: no decay for biases and 1-D parameters), and the 
 the plain one's AdamW (``optimizer.make_adamw``), so the update of every element is the one the
 plain optimizer makes; the LR scheduler drives it through ``param_groups``.
 
+ZeRO-2/3 (``parallel.data_parallel_sharding``, ``parallel.zero``): a piece's gradient is a view of
+its buffer's compact ``grad_shard`` instead, and under ZeRO-3 the step writes the updated shard
+into the buffer's ``param_shard`` (the weights the executor gathers), with fp32 main copies even
+under fp32 weights. The checkpoint format is this one whatever the stage.
+
 Gradient clipping sees each rank's shards: ``main_norm_groups`` turns the trainer's norm groups
 (tp/pp/ep rules of ``grad_norm_groups``) into groups of shard pieces whose squared sums are also
 added over the group's dp (or edp) group, so every element of a reduced gradient counts once.
@@ -63,6 +68,7 @@ class ShardPiece:
     hi: int
     dp_group: str  # "dp_cp" or "edp"
     shard: nn.Parameter  # fp32 main values of param.view(-1)[lo:hi]; .grad is a view of the grad buffer
+    where: tuple = ()  # (buffer, bucket, buffer offset): where ZeRO-3 keeps this piece's weights
 
 
 class DistributedOptimizer:
@@ -106,10 +112,19 @@ class DistributedOptimizer:
     def step(self) -> None:
         """Step this rank's shards, then all-gather every bucket's parameters over dp (edp)."""
         self.optimizer.step()
-        if self.mixed and self.pieces:  # cast the main shard into this rank's slice of the weights
-            params = [p.param.detach().view(-1)[p.lo : p.hi] for p in self.pieces]
-            torch._foreach_copy_(params, self.main_params)
+        self._write_weights()
         self.grad_sync.all_gather_params()
+
+    @torch.no_grad()
+    def _write_weights(self) -> None:
+        """Cast the main shards into this rank's slice of the weights (ZeRO-3: its weight shard)."""
+        if not (self.mixed and self.pieces):
+            return
+        params = []
+        for p in self.pieces:
+            kept = p.where[0].param_view(*p.where[1:], p.where[2] + p.hi - p.lo) if p.where else None
+            params.append(kept if kept is not None else p.param.detach().view(-1)[p.lo : p.hi])
+        torch._foreach_copy_(params, self.main_params)
 
     @torch.no_grad()
     def model_state_dict(self, model: nn.Module) -> dict[str, torch.Tensor]:
@@ -118,6 +133,8 @@ class DistributedOptimizer:
         The main parameters are sharded, so each bucket's fp32 values are all-gathered over its dp
         group into a temporary buffer (checkpoint time only).
         """
+        if self.grad_sync.stage >= 3:
+            self.grad_sync.wait_param_gather()  # ZeRO-3: the full weights, before reading them
         state = model.state_dict()
         if not self.mixed:
             return state
@@ -144,6 +161,8 @@ class DistributedOptimizer:
             return
         for piece in self.pieces:
             piece.shard.copy_(model_state[piece.name].reshape(-1)[piece.lo : piece.hi])
+        if self.grad_sync.stage >= 3:
+            self._write_weights()  # the weight shards the executor gathers from
 
     def main_norm_groups(self, groups: list[NormGroup]) -> list[NormGroup]:
         """The trainer's norm groups over this rank's shard pieces, also summed over their dp group.
@@ -322,8 +341,9 @@ def _shard_pieces(grad_sync: GradSync, copy: bool) -> list[ShardPiece]:
                     continue
                 values = param.detach().view(-1)[a - start : b - start]  # [b - a]
                 shard = nn.Parameter(values.float().clone() if copy else values)
-                shard.grad = buffer.data[a:b]  # [b - a], the reduce-scattered gradient lands here
-                pieces.append(ShardPiece(name, param, a - start, b - start, buffer.dp_name, shard))
+                shard.grad = buffer.grad_view(bucket, a, b)  # [b - a], the reduced gradient lands here
+                where = (buffer, bucket, a) if getattr(buffer, "stage", 1) >= 3 else ()
+                pieces.append(ShardPiece(name, param, a - start, b - start, buffer.dp_name, shard, where))
     return pieces
 
 
@@ -383,9 +403,11 @@ def build_data_parallel(
     gradients, even on one process); the optimizer copies the fp32 values into its main
     parameters before the weights are cast to the compute dtype.
     """
+    from megatron_lite.parallel.zero import STAGES
     from megatron_lite.training.runtime import DTYPES
 
     par, mixed = cfg.parallel, precision != "fp32"
+    stage = STAGES[par.data_parallel_sharding]
     if not (par.distributed_optimizer or par.overlap_grad_reduce or mixed):
         return None, build_optimizer(model, cfg.optimizer)
     own, chunk_of = (), None
@@ -404,11 +426,13 @@ def build_data_parallel(
         chunk_of=chunk_of,
         reduce_dtype=DTYPES[par.grad_reduce_dtype],
         overlap_param_gather=par.overlap_param_gather,
+        stage=stage,
     )
-    if par.overlap_param_gather and not mixed:
+    if (par.overlap_param_gather or stage >= 2) and not mixed:
         grad_sync.cast_params(torch.float32)  # fp32 parameter buffer; the shard views are taken after
     if par.distributed_optimizer:
-        optimizer = DistributedOptimizer(grad_sync, cfg.optimizer, dims, mixed=mixed)
+        # ZeRO-3 keeps fp32 main copies even with fp32 weights: the weights themselves are gathered.
+        optimizer = DistributedOptimizer(grad_sync, cfg.optimizer, dims, mixed=mixed or stage == 3)
     elif mixed:
         optimizer = MainParamOptimizer(model, cfg.optimizer)
     else:

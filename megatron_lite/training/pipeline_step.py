@@ -16,6 +16,7 @@ import torch
 from torch import nn
 
 from megatron_lite.config import Config
+from megatron_lite.parallel.zero import chunk_gathers
 from megatron_lite.pipeline.executor import PipelineExecutor, warm_up
 from megatron_lite.pipeline.schedules import build_schedule, forward_only
 from megatron_lite.pipeline.stages import activation_shape, model_chunks
@@ -30,11 +31,12 @@ class PipelineStep:
         cfg: the run's config (``parallel.schedule``, ``virtual_pipeline``, shapes).
         runtime: this rank's runtime (pipeline group, device, precision).
         model: this rank's model (all layers of its chunks; see ``pipeline.stages``).
+        grad_sync: the gradient buffers; under ZeRO-3 the executors gather each chunk's weights.
         objective: the training objective (None: the masked token loss).
     """
 
-    def __init__(self, cfg: Config, runtime: Runtime, model: nn.Module, objective=None):
-        self.cfg, self.runtime, self.model = cfg, runtime, model
+    def __init__(self, cfg: Config, runtime: Runtime, model: nn.Module, grad_sync=None, objective=None):
+        self.cfg, self.runtime, self.model, self.grad_sync = cfg, runtime, model, grad_sync
         self.objective = objective
         dims = runtime.dims
         self.pp_rank, self.group = dims.local.pp, dims.group("pp")
@@ -64,6 +66,7 @@ class PipelineStep:
                 self.shape,
                 self.dtype,
                 self.runtime.device,
+                gathers=chunk_gathers(self.grad_sync, schedule[self.pp_rank]),
             )
         return self._executors[key]
 

@@ -192,7 +192,9 @@ class Trainer:
         self.is_moe = bool(getattr(model, "moe_layers", list)())
         self.objective = build_objective(cfg)
         # pp > 1: the executor walks this rank's schedule over its model chunks.
-        self.pipeline = PipelineStep(cfg, runtime, model, self.objective) if runtime.dims.pp > 1 else None
+        self.pipeline = (
+            PipelineStep(cfg, runtime, model, grad_sync, self.objective) if runtime.dims.pp > 1 else None
+        )
         self.history: list[StepResult] = []
         self.guard = StepGuard(self.scaler, cfg.training.max_consecutive_skips)
         self.stopped_on_signal = False  # train() left early on a signal (pretrain exits for a requeue)
