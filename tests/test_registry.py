@@ -138,7 +138,9 @@ def test_no_family_branches_outside_models():
         for node in ast.walk(ast.parse(path.read_text())):
             if isinstance(node, ast.Compare) and "arch" in ast.unparse(node.left).split(".")[-1:]:
                 bad.append(f"{rel}:{node.lineno} {ast.unparse(node)}")
-            if isinstance(node, ast.Constant) and node.value in families:
+            # Chat templates (synthesis/) are named after instruct formats, not model families: a
+            # "mistral"-format template serves any family, so their names are not branches.
+            if isinstance(node, ast.Constant) and node.value in families and rel.parts[0] != "synthesis":
                 bad.append(f"{rel}:{node.lineno} {node.value!r}")
     assert bad == [f"config.py:{_default_arch_line()} 'mistral'"], bad
 
