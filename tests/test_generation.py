@@ -6,7 +6,8 @@ from pathlib import Path
 import pytest
 import torch
 from conftest import tiny_model_config
-from transformers import MistralConfig, MistralForCausalLM, MixtralConfig, MixtralForCausalLM
+from hf_tiny import save_tiny_hf_model
+from transformers import MistralConfig, MistralForCausalLM
 
 from megatron_lite.inference import (
     KVCache,
@@ -32,32 +33,8 @@ def tiny_model(window=None, arch="mistral", seed=0):
 
 
 def hf_model(arch: str, window, path, seed=0):
-    """A tiny random HF model saved to ``path``; no EOS so greedy runs to max_new_tokens."""
-    torch.manual_seed(seed)
-    kw = dict(
-        vocab_size=VOCAB,
-        hidden_size=32,
-        intermediate_size=48,
-        num_hidden_layers=2,
-        num_attention_heads=4,
-        num_key_value_heads=2,
-        sliding_window=window,
-        attn_implementation="eager",
-        eos_token_id=None,
-        bos_token_id=None,
-        pad_token_id=0,
-    )
-    model = (
-        MistralForCausalLM(MistralConfig(**kw))
-        if arch == "mistral"
-        else MixtralForCausalLM(MixtralConfig(num_local_experts=4, num_experts_per_tok=2, **kw))
-    )
-    with torch.no_grad():
-        for name, p in model.named_parameters():
-            if "norm" not in name:
-                p.normal_(0.0, 0.2)  # peaked logits: no near-ties for greedy decoding to trip over
-    model.eval().save_pretrained(path)
-    return model
+    """A tiny random HF model saved to ``path`` (see ``hf_tiny``)."""
+    return save_tiny_hf_model(arch, window, path, VOCAB, seed)
 
 
 @pytest.mark.parametrize("arch, window", [("mistral", 6), ("mistral", None), ("mixtral", 5)])

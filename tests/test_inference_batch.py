@@ -9,7 +9,7 @@ from pathlib import Path
 import pytest
 import torch
 from dist_utils import run_distributed
-from transformers import MistralConfig, MistralForCausalLM, MixtralConfig, MixtralForCausalLM
+from hf_tiny import save_tiny_hf_model
 
 from megatron_lite.inference import generate, generate_batch, load_model_for_inference
 
@@ -26,31 +26,8 @@ PROMPTS = [
 
 
 def hf_model(arch: str, window, path, seed=0):
-    """A tiny random HF model saved to ``path``; no EOS so greedy runs to max_new_tokens."""
-    torch.manual_seed(seed)
-    kw = dict(
-        vocab_size=VOCAB,
-        hidden_size=32,
-        intermediate_size=48,
-        num_hidden_layers=2,
-        num_attention_heads=4,
-        num_key_value_heads=2,
-        sliding_window=window,
-        attn_implementation="eager",
-        eos_token_id=None,
-        bos_token_id=None,
-        pad_token_id=0,
-    )
-    if arch == "mistral":
-        model = MistralForCausalLM(MistralConfig(**kw))
-    else:
-        model = MixtralForCausalLM(MixtralConfig(num_local_experts=4, num_experts_per_tok=2, **kw))
-    with torch.no_grad():
-        for name, p in model.named_parameters():
-            if "norm" not in name:
-                p.normal_(0.0, 0.2)  # peaked logits: no near-ties for greedy decoding to trip over
-    model.eval().save_pretrained(path)
-    return model
+    """A tiny random HF model saved to ``path`` (see ``hf_tiny``)."""
+    return save_tiny_hf_model(arch, window, path, VOCAB, seed)
 
 
 def _hf_alone(hf, prompt: list[int], n: int) -> list[int]:

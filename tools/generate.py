@@ -66,9 +66,7 @@ def load_tokenizer(tokenizer_type: str, model_file: str):
 def main(argv=None) -> int:
     """Load, generate, print each prompt and its completion, labelled."""
     args = parse_args(argv)
-    from megatron_lite.inference import UnsupportedCheckpointError, generate_batch, load_model_for_inference
-    from megatron_lite.models.hf_io import HFCheckpointError
-    from megatron_lite.training.checkpoint import CheckpointError
+    from megatron_lite.inference import generate_batch, load_errors, load_model_for_inference
 
     rank = _init_distributed(args)
     try:
@@ -89,13 +87,7 @@ def main(argv=None) -> int:
             decode=tokenizer.detokenize,
             seed=args.seed,
         )
-    except (
-        CheckpointError,
-        HFCheckpointError,
-        UnsupportedCheckpointError,
-        FileNotFoundError,
-        ValueError,
-    ) as e:
+    except load_errors() as e:
         print(f"error: {e}", file=sys.stderr)
         return 2
     if rank == 0:

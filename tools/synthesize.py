@@ -183,19 +183,11 @@ def run(args: argparse.Namespace, generator=None, tokenizer=None):
 def main(argv=None, generator=None, tokenizer=None) -> int:
     """Parse flags and run; one ``error:`` line and status 2 on bad input."""
     args = parse_args(argv)
-    from megatron_lite.inference import UnsupportedCheckpointError
-    from megatron_lite.models.hf_io import HFCheckpointError
-    from megatron_lite.training.checkpoint import CheckpointError
+    from megatron_lite.inference import load_errors
 
     try:
         run(args, generator, tokenizer)
-    except (
-        CheckpointError,
-        HFCheckpointError,
-        UnsupportedCheckpointError,
-        FileNotFoundError,
-        ValueError,
-    ) as e:
+    except load_errors() as e:
         print(f"error: {e}", file=sys.stderr)
         return 2
     return 0

@@ -85,9 +85,7 @@ def tokenize_conversation(
     return np.asarray(ids, dtype=np.int32), np.asarray(mask, dtype=np.uint8)
 
 
-def tokenize_preference(
-    tokenizer, record: dict, where: str = ""
-) -> list[tuple[np.ndarray, np.ndarray]]:
+def tokenize_preference(tokenizer, record: dict, where: str = "") -> list[tuple[np.ndarray, np.ndarray]]:
     """Chosen and rejected conversations of a preference record, the loss mask on the responses.
 
     Both start with the same prompt tokens (the prompt is tokenized once, on its own).

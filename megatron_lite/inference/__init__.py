@@ -10,6 +10,7 @@ from megatron_lite.inference.kv_cache import KVCache
 from megatron_lite.inference.loader import (
     UnsupportedCheckpointError,
     checkpoint_kind,
+    load_errors,
     load_model_for_inference,
 )
 
@@ -19,6 +20,7 @@ __all__ = [
     "checkpoint_kind",
     "generate",
     "generate_batch",
+    "load_errors",
     "load_model_for_inference",
     "prefill",
     "sample_next",

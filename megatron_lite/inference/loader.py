@@ -13,6 +13,18 @@ class UnsupportedCheckpointError(ValueError):
     """The directory holds no checkpoint format that inference can read."""
 
 
+def load_errors() -> tuple[type[Exception], ...]:
+    """The exceptions that mean "bad checkpoint or path" to a command-line tool, not a bug.
+
+    Tools catch these and print one line naming the cause; anything else keeps its traceback.
+    Imported lazily so ``megatron_lite.inference`` stays light to import.
+    """
+    from megatron_lite.models.hf_io import HFCheckpointError
+    from megatron_lite.training.checkpoint import CheckpointError
+
+    return (CheckpointError, HFCheckpointError, UnsupportedCheckpointError, FileNotFoundError, ValueError)
+
+
 def checkpoint_kind(path: str | os.PathLike) -> str:
     """What ``path`` holds: ``"hf"`` (config.json + safetensors) or ``"training"`` (a checkpoint
     directory written by the trainer, any layout); raises for anything else."""

@@ -335,8 +335,10 @@ def validate_layout(model_cfg, parallel_cfg, world_size: int, seq_length: int | 
     if seq_length is not None and splits_sequence and tp > 1:
         local = seq_length // cp
         if local % tp:
-            what = f"data.seq_length ({seq_length}) / parallel.context ({cp}) = {local}" if cp > 1 else (
-                f"data.seq_length ({seq_length})"
+            what = (
+                f"data.seq_length ({seq_length}) / parallel.context ({cp}) = {local}"
+                if cp > 1
+                else (f"data.seq_length ({seq_length})")
             )
             raise ConfigError(f"{what} is not divisible by tensor_parallel ({tp})")
     return dims

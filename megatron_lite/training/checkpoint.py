@@ -236,7 +236,16 @@ def save(
 
 
 def _write_rank_files(
-    tmp, rank, dims, iteration, model_state, optimizer, scheduler, consumed_samples, config_yaml, extra,
+    tmp,
+    rank,
+    dims,
+    iteration,
+    model_state,
+    optimizer,
+    scheduler,
+    consumed_samples,
+    config_yaml,
+    extra,
     ema_state=None,
 ) -> dict[str, str]:
     """This rank's files of checkpoint ``tmp``; returns ``{path relative to tmp: sha256}``."""

@@ -139,19 +139,9 @@ class DistributedOptimizer:
         if not self.mixed:
             return state
         pieces = {(p.name, p.lo): p.shard for p in self.pieces}
-        for buffer in self.grad_sync.buffers:
-            full = torch.zeros_like(buffer.data)  # [numel] fp32
-            for bucket in buffer.buckets:
-                lo, hi = buffer.shard_range(bucket)
-                for name, (start, end) in zip(bucket.names, bucket.ranges):
-                    a, b = max(lo, start), min(hi, end)
-                    if a < b:
-                        full[a:b].copy_(pieces[(name, a - start)])
-                if buffer.dp_size > 1:
-                    _all_gather_main(full[bucket.start : bucket.end], full[lo:hi], buffer.dp_group)
-                for name, param, (start, end) in zip(bucket.names, bucket.params, bucket.ranges):
-                    if name in state:
-                        state[name] = full[start:end].view_as(param).clone()
+        for name, value in gather_sharded_params(self.grad_sync, pieces, tag="main").items():
+            if name in state:
+                state[name] = value
         return state
 
     @torch.no_grad()
@@ -347,9 +337,33 @@ def _shard_pieces(grad_sync: GradSync, copy: bool) -> list[ShardPiece]:
     return pieces
 
 
-def _all_gather_main(out: torch.Tensor, shard: torch.Tensor, group) -> None:
-    """In-place fp32 all-gather of main-parameter shards (``shard`` is a view of ``out``)."""
-    comm.all_gather_single(out, shard, group, tag="main")
+@torch.no_grad()
+def gather_sharded_params(grad_sync: GradSync, pieces: dict, tag: str) -> dict[str, torch.Tensor]:
+    """Whole fp32 local parameters from dp-sharded pieces: one all-gather per bucket.
+
+    Args:
+        grad_sync: the gradient buffers whose bucket layout cut the pieces.
+        pieces: this rank's fp32 values keyed ``(parameter name, offset in the parameter)``.
+        tag: the communication log's label.
+
+    Returns:
+        Parameter name -> a new fp32 tensor of the parameter's shape (every rank gets all).
+    """
+    out = {}
+    for buffer in grad_sync.buffers:
+        numel = buffer.buckets[-1].end if buffer.buckets else 0  # the whole buffer, every dp shard
+        full = torch.zeros(numel, dtype=torch.float32, device=buffer.data.device)  # [numel]
+        for bucket in buffer.buckets:
+            lo, hi = buffer.shard_range(bucket)
+            for name, (start, end) in zip(bucket.names, bucket.ranges):
+                a, b = max(lo, start), min(hi, end)
+                if a < b:
+                    full[a:b].copy_(pieces[(name, a - start)])
+            if buffer.dp_size > 1:  # full[lo:hi] is this rank's part of the bucket
+                comm.all_gather_single(full[bucket.start : bucket.end], full[lo:hi], buffer.dp_group, tag=tag)
+            for name, param, (start, end) in zip(bucket.names, bucket.params, bucket.ranges):
+                out[name] = full[start:end].view(param.shape).clone()
+    return out
 
 
 def _all_reduce(t: torch.Tensor, group) -> None:

@@ -28,7 +28,7 @@ from __future__ import annotations
 import torch
 from torch import nn
 
-from megatron_lite.parallel import comm
+from megatron_lite.training.distributed_optimizer import gather_sharded_params
 
 STATE_KEY = "ema"  # the key of the EMA's model state dict in a checkpoint's model_optim_rng.pt
 
@@ -93,22 +93,7 @@ class WeightEMA:
     def _gather_pieces(self) -> dict[str, torch.Tensor]:
         """Whole local parameters from the dp ranks' pieces: one fp32 all-gather per bucket."""
         mine = {(p.name, p.lo): v for p, v in zip(self.pieces, self.values)}
-        out = {}
-        for buffer in self.grad_sync.buffers:
-            numel = buffer.buckets[-1].end if buffer.buckets else 0  # the whole buffer, every dp shard
-            full = torch.zeros(numel, dtype=torch.float32, device=buffer.data.device)  # [numel]
-            for bucket in buffer.buckets:
-                lo, hi = buffer.shard_range(bucket)
-                for name, (start, end) in zip(bucket.names, bucket.ranges):
-                    a, b = max(lo, start), min(hi, end)
-                    if a < b:
-                        full[a:b].copy_(mine[(name, a - start)])
-                if buffer.dp_size > 1:  # full[lo:hi] is this rank's part of the bucket
-                    whole = full[bucket.start : bucket.end]
-                    comm.all_gather_single(whole, full[lo:hi], buffer.dp_group, tag="ema")
-                for name, param, (start, end) in zip(bucket.names, bucket.params, bucket.ranges):
-                    out[name] = full[start:end].view(param.shape).clone()
-        return out
+        return gather_sharded_params(self.grad_sync, mine, tag="ema")
 
     @torch.no_grad()
     def load_state_dict(self, state: dict[str, torch.Tensor]) -> None:

@@ -84,7 +84,16 @@ def _build(cfg: Config, runtime: Runtime, log, say, exit_signal) -> Trainer:
     m = num_microbatches(cfg, dims.dp)
     vocab = cfg.model.vocab_size
     stream = BatchStream(
-        train, consumed, mbs, m, dims.local.dp, dims.dp, cfg.data, eod, runtime.device, vocab_size=vocab,
+        train,
+        consumed,
+        mbs,
+        m,
+        dims.local.dp,
+        dims.dp,
+        cfg.data,
+        eod,
+        runtime.device,
+        vocab_size=vocab,
         context=(dims.local.cp, dims.cp),
     )
     for line in epoch_warnings(train, "train") if train is not None else []:

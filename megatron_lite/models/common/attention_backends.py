@@ -274,7 +274,7 @@ def flex_block_mask(cu_seqlens, b: int, s: int, window: int | None, device, bloc
         empty = empty | (q0 - k1 >= window)
         full = full & (q1 - k0 < window)
     if s % block:  # blocks reaching past s stay partial: the kernel masks their padding
-        ragged = (first + block > s)
+        ragged = first + block > s
         full = full & ~ragged[:, None] & ~ragged[None, :]
     full = full & ~empty
     partial = ~empty & ~full
