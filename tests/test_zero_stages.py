@@ -255,3 +255,29 @@ def test_zero3_bf16_mixtral_tp2_ep2_matches_one_process():
     reference = _trainer([*BF16_MOE, "--training.micro_batch_size", "4"], 1)
     expected = [(r.loss, r.grad_norm) for r in reference.train()]
     run_distributed(_bf16_body, 8, expected, timeout=240)
+
+
+# 4 microbatches per rank at dp 4: with only pp (2) of them interleaved would run like breadth-first
+DP4_BATCH = ["--training.global_batch_size", "32"]
+
+
+def _dp4_body(rank: int, world_size: int, expected, weights: str):
+    os.environ["WORLD_SIZE"] = str(world_size)
+    runs = {}
+    for case in ("zero3_breadth_first", "zero3_interleaved"):
+        got, trainer, gathers = _run([*DP4_BATCH, *CASES[case]], world_size)
+        _check(f"dp4 {case}", got, expected, trainer, weights)
+        runs[case] = _check_gathers(case, trainer, gathers)
+    assert max(runs["zero3_breadth_first"].values()) <= 2, runs
+    assert sum(runs["zero3_interleaved"].values()) > sum(runs["zero3_breadth_first"].values()), runs
+
+
+@pytest.mark.slow
+def test_zero3_dp4_pp2_vpp2_matches_one_process(tmp_path):
+    """fp32 ZeRO-3 over dp 4 (each rank a quarter of every chunk) x pp 2 x vpp 2, breadth-first and
+    interleaved: losses, norms and weights equal one process; gathers counted as at dp 2."""
+    reference = _trainer(DP4_BATCH, 1)
+    expected = [(r.loss, r.grad_norm) for r in reference.train()]
+    weights = tmp_path / "ref.pt"
+    torch.save({k: v.clone() for k, v in reference.model.state_dict().items()}, weights)
+    run_distributed(_dp4_body, 8, expected, str(weights), timeout=300)
