@@ -63,6 +63,11 @@ FLAGS: tuple[Flag, ...] = (
     _f("--decoder-last-pipeline-num-layers", "parallel.num_layers_in_last_stage", "layers on the last stage"),
     _f("--sequence-parallel", "parallel.sequence_parallel", "sequence parallelism", 0, "true"),
     _f("--use-distributed-optimizer", "parallel.distributed_optimizer", "ZeRO-1 optimizer", 0, "true"),
+    _f(
+        "--data-parallel-sharding-strategy",
+        "parallel.data_parallel_sharding",
+        "no_shard|optim|optim_grads|optim_grads_params: ZeRO stage (0/1 | 1 | 2 | 3) over dp",
+    ),
     _f("--overlap-grad-reduce", "parallel.overlap_grad_reduce", "overlap DP grad reduction", 0, "true"),
     _f("--overlap-param-gather", "parallel.overlap_param_gather", "overlap param all-gather", 0, "true"),
     _f("--grad-reduce-in-bf16", "parallel.grad_reduce_dtype", "reduce DP gradients in bf16", 0, "bf16"),
@@ -147,6 +152,8 @@ FLAGS: tuple[Flag, ...] = (
     _f("--transformer-impl", None, "plain PyTorch layers", 1, None),
     _f("--distributed-backend", None, "NCCL on GPU, gloo on CPU", 1, None),
     _f("--wandb-exp-name", None, "run named after logging.run_dir", 1, None),
+    _f("--use-megatron-fsdp", None, "sharding from --data-parallel-sharding-strategy", 0),
+    _f("--use-custom-fsdp", None, "sharding from --data-parallel-sharding-strategy", 0),
     _f("--no-load-optim", None, "only without --load", 0),
     _f("--no-load-rng", None, "only without --load", 0),
 )
@@ -263,8 +270,27 @@ def _override(flag: str, spec: Flag, values: list[str], megatron: dict[str, list
         value = str(layers // (pp * per))
     elif flag == "--window-size":
         value = _window(value)
+    elif flag == "--data-parallel-sharding-strategy":
+        return _sharding_strategy(flag, value, megatron)
     elif flag == "--tensorboard-dir":
         return ["--logging.tensorboard", "true", f"--{spec.target}", value]
     elif flag == "--recompute-granularity" and value not in ("full", "selective"):
         raise ConfigError(f"{flag} {value}: must be full or selective")
     return [f"--{spec.target}", value]
+
+
+# Megatron-FSDP's strategies -> parallel.data_parallel_sharding (what is sharded over dp)
+_SHARDING = {"optim": "optimizer", "optim_grads": "gradients", "optim_grads_params": "parameters"}
+
+
+def _sharding_strategy(flag: str, value: str, megatron: dict[str, list[str]]) -> list[str]:
+    """``--data-parallel-sharding-strategy``: a sharding stage, with the distributed optimizer it needs.
+
+    ``no_shard`` leaves the optimizer as ``--use-distributed-optimizer`` says (Megatron shards the
+    optimizer states with that flag whatever the strategy); the others shard at least them.
+    """
+    if value == "no_shard":
+        return ["--parallel.data_parallel_sharding", "optimizer"]
+    if value not in _SHARDING:
+        raise ConfigError(f"{flag} {value}: must be one of no_shard, {', '.join(_SHARDING)}")
+    return ["--parallel.distributed_optimizer", "true", "--parallel.data_parallel_sharding", _SHARDING[value]]

@@ -97,6 +97,24 @@ def test_dense_line_megatron_defaults_and_mixing():
 
 
 @pytest.mark.parametrize(
+    "strategy, distributed, stage",
+    [
+        ("optim_grads_params", True, "parameters"),
+        ("optim_grads", True, "gradients"),
+        ("optim", True, "optimizer"),
+        ("no_shard", False, "optimizer"),
+    ],
+)
+def test_megatron_fsdp_sharding_strategy(strategy, distributed, stage, capsys):
+    """Megatron-FSDP's line (ZeRO-3 example) maps onto our sharding stages; --use-megatron-fsdp is noted."""
+    line = ["--mock-data", "--pipeline-model-parallel-size", "2", "--num-layers", "4", "--use-megatron-fsdp"]
+    line += ["--data-parallel-sharding-strategy", strategy, "--untie-embeddings-and-output-weights"]
+    cfg = main_argv_to_config(line)
+    assert (cfg.parallel.distributed_optimizer, cfg.parallel.data_parallel_sharding) == (distributed, stage)
+    assert "--use-megatron-fsdp" in capsys.readouterr().err
+
+
+@pytest.mark.parametrize(
     "argv, message",
     [
         (["--fp8-format", "hybrid"], "unsupported argument --fp8-format"),
@@ -115,6 +133,7 @@ def test_dense_line_megatron_defaults_and_mixing():
             "not divisible",
         ),  # fmt: skip
         (["--sequence-parallel", "1"], "takes no value"),
+        (["--data-parallel-sharding-strategy", "full"], "must be one of no_shard, optim, optim_grads"),
     ],
 )
 def test_unsupported_is_refused_by_name(argv, message):
