@@ -77,19 +77,30 @@ def test_preprocess_preference_pairs(tmp_path):
         assert len(rejected) - n_prompt == len(rec["rejected"].split()) + 1
 
 
-def test_preprocess_preference_bad_record(tmp_path, capsys):
+@pytest.mark.parametrize(
+    "record, message",
+    [
+        (
+            {"prompt": "w1", "chosen": "w2"},
+            "preference record needs string 'prompt', 'chosen' and 'rejected' (field 'rejected' is NoneType)",
+        ),
+        (
+            {"prompt": "w1", "chosen": "w2", "rejected": "  "},
+            "preference record has an empty 'rejected' response",
+        ),
+        ({"prompt": "w1", "chosen": "w2", "rejected": "w2"}, "'chosen' and 'rejected' are the same text"),
+    ],
+)
+def test_preprocess_preference_bad_record(tmp_path, capsys, record, message):
     import preprocess_data
 
     tok = make_word_tokenizer(tmp_path / "tok")
-    (tmp_path / "bad.jsonl").write_text(json.dumps({"prompt": "w1", "chosen": "w2"}) + "\n")
+    (tmp_path / "bad.jsonl").write_text(json.dumps(record) + "\n")
     argv = ["--input", str(tmp_path / "bad.jsonl"), "--output-prefix", str(tmp_path / "o"), "--preference"]
     argv += ["--tokenizer-type", "HuggingFaceTokenizer", "--tokenizer-model", tok]
     assert preprocess_data.main(argv) == 1
     err = capsys.readouterr().err.strip().splitlines()
-    assert err[-1].endswith(
-        "bad.jsonl:1: preference record needs string 'prompt', 'chosen' and 'rejected' "
-        "(field 'rejected' is NoneType)"
-    )
+    assert err[-1].endswith(f"bad.jsonl:1: {message}"), err
 
 
 def test_batches_keep_pairs_together(tmp_path):

@@ -99,6 +99,9 @@ def tokenize_preference(tokenizer, record: dict, where: str = "") -> list[tuple[
                 f"{where}: preference record needs string 'prompt', 'chosen' and 'rejected' "
                 f"(field '{key}' is {type(record.get(key)).__name__})"
             )
+    for key in ("chosen", "rejected"):
+        if not record[key].strip():  # DPO would compare an answer with no answer (EOD alone)
+            raise ValueError(f"{where}: preference record has an empty '{key}' response")
     if record["chosen"] == record["rejected"]:
         raise ValueError(f"{where}: 'chosen' and 'rejected' are the same text")
     return [
