@@ -271,7 +271,7 @@ def _override(flag: str, spec: Flag, values: list[str], megatron: dict[str, list
     elif flag == "--window-size":
         value = _window(value)
     elif flag == "--data-parallel-sharding-strategy":
-        return _sharding_strategy(flag, value, megatron)
+        return _sharding_strategy(flag, value)
     elif flag == "--tensorboard-dir":
         return ["--logging.tensorboard", "true", f"--{spec.target}", value]
     elif flag == "--recompute-granularity" and value not in ("full", "selective"):
@@ -283,7 +283,7 @@ def _override(flag: str, spec: Flag, values: list[str], megatron: dict[str, list
 _SHARDING = {"optim": "optimizer", "optim_grads": "gradients", "optim_grads_params": "parameters"}
 
 
-def _sharding_strategy(flag: str, value: str, megatron: dict[str, list[str]]) -> list[str]:
+def _sharding_strategy(flag: str, value: str) -> list[str]:
     """``--data-parallel-sharding-strategy``: a sharding stage, with the distributed optimizer it needs.
 
     ``no_shard`` leaves the optimizer as ``--use-distributed-optimizer`` says (Megatron shards the

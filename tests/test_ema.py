@@ -168,23 +168,39 @@ def test_export_ema_to_hf_and_refuse_without_ema(tmp_path, capsys):
     assert len(err) == 1 and "holds no EMA weights" in err[0] and "model_optim_rng.pt" in err[0], err
 
 
-def _dp2_body(rank: int, world_size: int, root: str) -> None:
-    os.environ["WORLD_SIZE"] = str(world_size)
-    ckpt = os.path.join(root, "ckpt")
-    trainer = _trainer(*ZERO1, "--training.save", ckpt, "--training.exit_interval", "2", world_size=2)
+def _ema_exact_across_resume(flags: list[str], world_size: int, ckpt: str, what: str, on_first=None):
+    """Train 2 iterations and save, resume for 2 more: the EMA equals the direct loop at both ends.
+
+    ``on_first(trainer)`` may check the first trainer before its groups go. Returns the final EMA
+    and main values (all ranks call: they gather over dp).
+    """
+    save = ["--training.save", ckpt, "--training.exit_interval", "2"]
+    trainer = _trainer(*flags, *save, world_size=world_size)
     seen = _run_recording(trainer)  # iterations 1-2; the main values are gathered over dp
-    pieces = trainer.optimizer.pieces
-    local = sum(v.numel() for v in trainer.ema.values)
-    assert local == sum(p.hi - p.lo for p in pieces) < sum(p.numel() for p in trainer.model.parameters())
+    if on_first is not None:
+        on_first(trainer)
     gathered = trainer.ema.state_dict(trainer.model)
-    _assert_equal(gathered, _direct_ema(seen, float(DECAY)), f"dp2 rank {rank}")
+    _assert_equal(gathered, _direct_ema(seen, float(DECAY)), what)
     trainer.runtime.dims.destroy_groups()
-    resumed = _trainer(*ZERO1, "--training.load", ckpt, world_size=2)  # iterations 3-4
+    resumed = _trainer(*flags, "--training.load", ckpt, world_size=world_size)  # iterations 3-4
     seen_after = _run_recording(resumed)
     final = resumed.ema.state_dict(resumed.model)
-    _assert_equal(final, _direct_ema([gathered, *seen_after[1:]], float(DECAY)), f"dp2 resumed rank {rank}")
+    _assert_equal(final, _direct_ema([gathered, *seen_after[1:]], float(DECAY)), f"{what} resumed")
     weights = _main_values(resumed)
     resumed.runtime.dims.destroy_groups()
+    return final, weights
+
+
+def _dp2_body(rank: int, world_size: int, root: str) -> None:
+    os.environ["WORLD_SIZE"] = str(world_size)
+
+    def half_the_ema(trainer):
+        pieces = trainer.optimizer.pieces
+        local = sum(v.numel() for v in trainer.ema.values)
+        assert local == sum(p.hi - p.lo for p in pieces) < sum(p.numel() for p in trainer.model.parameters())
+
+    ckpt = os.path.join(root, "ckpt")
+    final, weights = _ema_exact_across_resume(ZERO1, 2, ckpt, f"dp2 rank {rank}", on_first=half_the_ema)
     if rank == 0:
         torch.save({"ema": final, "weights": weights}, os.path.join(root, "dp2_final.pt"))
 
@@ -214,19 +230,9 @@ def test_dp2_zero1_ema_equals_one_process_and_reshards(tmp_path):
 
 def _zero3_body(rank: int, world_size: int, root: str) -> None:
     os.environ["WORLD_SIZE"] = str(world_size)
-    ckpt = os.path.join(root, "ckpt")
     zero3 = [*ZERO1, "--parallel.data_parallel_sharding", "parameters", "--parallel.pipeline", "2"]
     zero3 += ["--training.precision", "bf16"]
-    trainer = _trainer(*zero3, "--training.save", ckpt, "--training.exit_interval", "2", world_size=4)
-    seen = _run_recording(trainer)  # iterations 1-2; fp32 main values gathered over dp
-    gathered = trainer.ema.state_dict(trainer.model)
-    _assert_equal(gathered, _direct_ema(seen, float(DECAY)), f"zero3 rank {rank}")
-    trainer.runtime.dims.destroy_groups()
-    resumed = _trainer(*zero3, "--training.load", ckpt, world_size=4)  # iterations 3-4
-    seen_after = _run_recording(resumed)
-    final = resumed.ema.state_dict(resumed.model)
-    _assert_equal(final, _direct_ema([gathered, *seen_after[1:]], float(DECAY)), f"zero3 resumed rank {rank}")
-    resumed.runtime.dims.destroy_groups()
+    _ema_exact_across_resume(zero3, 4, os.path.join(root, "ckpt"), f"zero3 rank {rank}")
 
 
 @pytest.mark.slow

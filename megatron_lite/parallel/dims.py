@@ -338,7 +338,7 @@ def validate_layout(model_cfg, parallel_cfg, world_size: int, seq_length: int | 
             what = (
                 f"data.seq_length ({seq_length}) / parallel.context ({cp}) = {local}"
                 if cp > 1
-                else (f"data.seq_length ({seq_length})")
+                else f"data.seq_length ({seq_length})"
             )
             raise ConfigError(f"{what} is not divisible by tensor_parallel ({tp})")
     return dims
